@@ -1,0 +1,258 @@
+"""Model configuration: one frozen dataclass per idea, built from an HF ``config.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
+
+
+class ConfigError(ValueError):
+    """A configuration that this project cannot run, with the fix in the message."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters, in the vocabulary of HF ``rope_parameters``.
+
+    ``original_max_position_embeddings`` is the pre-training context for ``yarn`` and the
+    length past which ``dynamic`` starts to stretch the base frequency.
+    """
+
+    rope_type: str = "default"
+    theta: float = 10000.0
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    attention_factor: float | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self):
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(
+                f"rope type {self.rope_type!r} is not supported; use one of {SUPPORTED_ROPE_TYPES}"
+            )
+        if self.rope_type != "default" and not self.factor > 0:
+            raise ConfigError(f"rope factor must be > 0 for rope type {self.rope_type!r}")
+
+    def to_hf(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.theta}
+        if self.rope_type == "default":
+            return out
+        out["factor"] = self.factor
+        if self.rope_type == "yarn":
+            out.update(
+                original_max_position_embeddings=self.original_max_position_embeddings,
+                beta_fast=self.beta_fast,
+                beta_slow=self.beta_slow,
+                truncate=self.truncate,
+            )
+            for key in ("attention_factor", "mscale", "mscale_all_dim"):
+                if getattr(self, key) is not None:
+                    out[key] = getattr(self, key)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A Qwen2/Qwen2.5 or Qwen3 decoder.
+
+    ``qkv_bias``: biases on q/k/v projections (Qwen2 always, Qwen3 with attention_bias).
+    ``o_bias``: bias on the output projection (Qwen3 with attention_bias only).
+    ``qk_norm``: per-head RMSNorm on queries and keys (Qwen3).
+    """
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
+    # HF config keys this model does not interpret (token ids, ...), kept for the round trip.
+    hf_extra_json: str = "{}"
+
+    def __post_init__(self):
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"architecture {self.architecture!r} is not supported; "
+                f"use a checkpoint of one of {SUPPORTED_ARCHITECTURES}"
+            )
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads}) for grouped-query attention"
+            )
+
+    @property
+    def is_qwen3(self) -> bool:
+        return self.architecture == "Qwen3ForCausalLM"
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any]) -> ModelConfig:
+        architectures = hf.get("architectures") or []
+        if len(architectures) != 1:
+            raise ConfigError(
+                f"config.json must name exactly one architecture, got {architectures!r}; "
+                f"supported: {SUPPORTED_ARCHITECTURES}"
+            )
+        arch = architectures[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"architecture {arch!r} is not supported; use a checkpoint of one of "
+                f"{SUPPORTED_ARCHITECTURES}"
+            )
+        missing = [
+            k
+            for k in (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+            )
+            if k not in hf
+        ]
+        if missing:
+            raise ConfigError(f"config.json lacks required keys {missing}")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"hidden_act {hf['hidden_act']!r} is not supported; Qwen uses 'silu'")
+        layer_types = hf.get("layer_types") or []
+        if hf.get("use_sliding_window") or any(t != "full_attention" for t in layer_types):
+            raise ConfigError(
+                "HF sliding-window layers (use_sliding_window / layer_types) are not supported; "
+                "set use_sliding_window=false: L2A adds its own windowed branch"
+            )
+        num_heads = hf["num_attention_heads"]
+        is_qwen3 = arch == "Qwen3ForCausalLM"
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+        attention_bias = bool(hf.get("attention_bias", False))
+        known = {
+            "architectures",
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "rms_norm_eps",
+            "max_position_embeddings",
+            "tie_word_embeddings",
+            "attention_bias",
+            "rope_theta",
+            "rope_scaling",
+            "rope_parameters",
+            "model_type",
+            "hidden_act",
+            "use_sliding_window",
+            "layer_types",
+            "sliding_window",
+            "max_window_layers",
+            "transformers_version",
+            "torch_dtype",
+            "dtype",
+        }
+        extra = {k: v for k, v in hf.items() if k not in known}
+        return cls(
+            architecture=arch,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=hf.get("max_position_embeddings", 32768),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=(not is_qwen3) or attention_bias,
+            o_bias=is_qwen3 and attention_bias,
+            qk_norm=is_qwen3,
+            rope=_rope_from_hf(hf),
+            hf_extra_json=json.dumps(extra, sort_keys=True),
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        out = json.loads(self.hf_extra_json)
+        out.update(
+            architectures=[self.architecture],
+            model_type="qwen3" if self.is_qwen3 else "qwen2",
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            rms_norm_eps=self.rms_norm_eps,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings,
+            hidden_act="silu",
+            use_sliding_window=False,
+            rope_parameters=self.rope.to_hf(),
+        )
+        if self.is_qwen3:
+            out["attention_bias"] = self.qkv_bias
+        return out
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
+    """Reads transformers-5 ``rope_parameters`` and the older ``rope_theta`` + ``rope_scaling``."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = params.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
+    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    if (
+        params.pop("partial_rotary_factor", 1.0) != 1.0
+        or hf.get("partial_rotary_factor", 1.0) != 1.0
+    ):
+        raise ConfigError("partial_rotary_factor != 1 is not supported by Qwen models")
+    allowed = {f.name for f in dataclasses.fields(RopeConfig)} - {"rope_type", "theta"}
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown rope parameters {unknown}; known: {sorted(allowed)}")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(
+            f"rope type {rope_type!r} is not supported; use one of {SUPPORTED_ROPE_TYPES}"
+        )
+    if rope_type == "default":
+        return RopeConfig(theta=float(theta))
+    if rope_type == "yarn" and params.get("original_max_position_embeddings") is None:
+        params["original_max_position_embeddings"] = hf.get(
+            "original_max_position_embeddings", hf.get("max_position_embeddings", 32768)
+        )
+    if params.get("factor") is None:
+        if rope_type != "yarn":
+            raise ConfigError(f"rope type {rope_type!r} needs a 'factor'")
+        params["factor"] = (
+            hf["max_position_embeddings"] / params["original_max_position_embeddings"]
+        )
+    kwargs = {k: v for k, v in params.items() if v is not None}
+    return RopeConfig(rope_type=rope_type, theta=float(theta), **kwargs)

@@ -1,0 +1,168 @@
+"""Qwen2/Qwen2.5 and Qwen3 decoders in Flax NNX.
+
+Every weight is an ``nnx.Param`` whose ``axes`` metadata names its logical axes; the sharding
+module maps those names to mesh axes. Weights are stored in einsum layout (``embed`` first for
+input projections), so no transpose happens at run time.
+
+Two ways to run a model:
+- stateful: ``logits = model(input_ids)``;
+- functional: ``graphdef, params = split_model(model)`` then
+  ``forward(graphdef, params, input_ids, ...)`` under ``jax.jit`` with explicit shardings.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from l2a_jax.attention import causal_attention
+from l2a_jax.config import ModelConfig
+from l2a_jax.rope import apply_rope, rope_cos_sin
+
+_INIT_STD = 0.02
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, *, scale: float | None = _INIT_STD, value=None):
+    if value is None:
+        if scale is None:
+            value = jnp.ones(shape, dtype)
+        else:
+            value = (scale * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    """y = x / rms(x) * weight, computed in float32 as HF Qwen does."""
+
+    def __init__(self, dim: int, eps: float, *, dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.weight = _param(rngs, (dim,), ("norm",), dtype, scale=None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with optional q/k/v bias (Qwen2) and q/k norm (Qwen3)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        d, hq, hkv, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.cfg = cfg
+        self.wq = _param(rngs, (d, hq, dh), ("embed", "q_heads", "head_dim"), dtype)
+        self.wk = _param(rngs, (d, hkv, dh), ("embed", "kv_heads", "head_dim"), dtype)
+        self.wv = _param(rngs, (d, hkv, dh), ("embed", "kv_heads", "head_dim"), dtype)
+        self.wo = _param(rngs, (hq, dh, d), ("q_heads", "head_dim", "embed"), dtype)
+        if cfg.qkv_bias:
+            self.bq = _param(rngs, (hq, dh), ("q_heads", "head_dim"), dtype)
+            self.bk = _param(rngs, (hkv, dh), ("kv_heads", "head_dim"), dtype)
+            self.bv = _param(rngs, (hkv, dh), ("kv_heads", "head_dim"), dtype)
+        if cfg.o_bias:
+            self.bo = _param(rngs, (d,), ("embed",), dtype)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(dh, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+            self.k_norm = RMSNorm(dh, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+
+    def project_qkv(self, x, cos, sin):
+        """x (b, t, embed) -> rotated q (b, t, hq, dh), k and v (b, t, hkv, dh)."""
+        q = jnp.einsum("btd,dhk->bthk", x, self.wq[...])
+        k = jnp.einsum("btd,dhk->bthk", x, self.wk[...])
+        v = jnp.einsum("btd,dhk->bthk", x, self.wv[...])
+        if self.cfg.qkv_bias:
+            q, k, v = q + self.bq[...], k + self.bk[...], v + self.bv[...]
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def project_out(self, heads: jax.Array) -> jax.Array:
+        out = jnp.einsum("bthk,hkd->btd", heads, self.wo[...])
+        if self.cfg.o_bias:
+            out = out + self.bo[...]
+        return out
+
+    def __call__(self, x, cos, sin, segment_ids, *, impl: str) -> jax.Array:
+        q, k, v = self.project_qkv(x, cos, sin)
+        return self.project_out(causal_attention(q, k, v, segment_ids=segment_ids, impl=impl))
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.w_gate = _param(rngs, (d, f), ("embed", "mlp"), dtype)
+        self.w_up = _param(rngs, (d, f), ("embed", "mlp"), dtype)
+        self.w_down = _param(rngs, (f, d), ("mlp", "embed"), dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = jax.nn.silu(x @ self.w_gate[...])
+        return (gate * (x @ self.w_up[...])) @ self.w_down[...]
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+        self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, segment_ids, *, impl: str) -> jax.Array:
+        x = x + self.attn(self.input_norm(x), cos, sin, segment_ids, impl=impl)
+        return x + self.mlp(self.post_norm(x))
+
+
+class QwenModel(nnx.Module):
+    """Causal LM: ``model(input_ids, positions=None, segment_ids=None) -> logits (b, t, vocab)``.
+
+    ``positions`` default to 0..t-1 per row. ``segment_ids`` (b, t) int keeps packed documents
+    apart: a token attends only to earlier tokens with the same id.
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, *, dtype=jnp.float32, attention_impl: str = "xla", rngs: nnx.Rngs
+    ):
+        self.cfg = cfg
+        self.attention_impl = attention_impl
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)]
+        )
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(
+                rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype
+            )
+
+    def hidden_states(self, input_ids, positions=None, segment_ids=None) -> jax.Array:
+        """Final-norm hidden states (b, t, hidden) for int token ids (b, t)."""
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, seq); got shape {input_ids.shape}")
+        b, t = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        cos, sin = rope_cos_sin(
+            self.cfg.rope, self.cfg.head_dim, self.cfg.max_position_embeddings, positions
+        )
+        x = jnp.take(self.embed[...], input_ids, axis=0)
+        for layer in self.layers:
+            x = layer(x, cos, sin, segment_ids, impl=self.attention_impl)
+        return self.final_norm(x)
+
+    def __call__(self, input_ids, positions=None, segment_ids=None) -> jax.Array:
+        h = self.hidden_states(input_ids, positions, segment_ids)
+        head = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+        return jnp.einsum("btd,dv->btv", h, head, preferred_element_type=jnp.float32)
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
+    """The static graph and the parameter pytree; ``forward`` puts them back together."""
+    return nnx.split(model)
+
+
+def forward(
+    graphdef: nnx.GraphDef, params: nnx.State, input_ids, positions=None, segment_ids=None
+) -> jax.Array:
+    """Pure function of the parameter pytree: safe to ``jax.jit`` with explicit shardings."""
+    return nnx.merge(graphdef, params)(input_ids, positions, segment_ids)

@@ -1,0 +1,97 @@
+"""One table from logical axis names to mesh axes; every weight's sharding derives from it.
+
+Weights carry logical names in their ``axes`` metadata (see ``model.py``); activations use the
+same names (``batch``, ``seq``). Kernels wrapped in ``shard_map`` derive their specs from the
+same ``ShardingRules``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+LOGICAL_AXES = ("batch", "seq", "vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "norm")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Logical axis name -> mesh axis name (or a tuple of them, or None for replicated)."""
+
+    rules: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+        ("batch", ("data", "fsdp")),
+        ("seq", None),
+        ("vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("q_heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("head_dim", None),
+        ("mlp", "tensor"),
+        ("norm", None),
+    )
+
+    def __post_init__(self):
+        unknown = sorted({name for name, _ in self.rules} - set(LOGICAL_AXES))
+        if unknown:
+            raise ValueError(f"unknown logical axes {unknown}; known: {LOGICAL_AXES}")
+
+    @property
+    def table(self) -> Mapping[str, str | tuple[str, ...] | None]:
+        return dict(self.rules)
+
+    def spec(
+        self, axes: tuple[str, ...], mesh: Mesh, shape: tuple[int, ...] | None = None
+    ) -> PartitionSpec:
+        """PartitionSpec for logical ``axes``. Mesh axes absent from ``mesh`` or of size 1 are
+        dropped, and so is any whose size does not divide the dimension (which then stays
+        replicated along it)."""
+        table = self.table
+        used: set[str] = set()
+        out = []
+        for i, name in enumerate(axes):
+            if name not in table:
+                raise ValueError(
+                    f"logical axis {name!r} has no sharding rule; known: {LOGICAL_AXES}"
+                )
+            target = table[name]
+            targets = (target,) if isinstance(target, str) else tuple(target or ())
+            kept = []
+            for axis in targets:
+                if axis not in mesh.shape or mesh.shape[axis] == 1 or axis in used:
+                    continue
+                size = int(np.prod([mesh.shape[a] for a in (*kept, axis)]))
+                if shape is not None and shape[i] % size:
+                    continue
+                kept.append(axis)
+            used.update(kept)
+            out.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
+        return PartitionSpec(*out)
+
+    def sharding(self, axes: tuple[str, ...], mesh: Mesh, shape=None) -> NamedSharding:
+        return NamedSharding(mesh, self.spec(axes, mesh, shape))
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh over ``devices`` (default: all)."""
+    devices = jax.devices() if devices is None else devices
+    if data * fsdp * tensor != len(devices):
+        raise ValueError(
+            f"mesh data*fsdp*tensor = {data}*{fsdp}*{tensor} must equal the device count "
+            f"{len(devices)}"
+        )
+    return Mesh(np.asarray(devices).reshape(data, fsdp, tensor), ("data", "fsdp", "tensor"))
+
+
+def param_shardings(state: nnx.State, mesh: Mesh, rules: ShardingRules | None = None):
+    """NamedShardings matching ``state`` (concrete or abstract), from each ``axes`` metadata."""
+
+    rules = rules or ShardingRules()
+
+    def one(var):
+        return rules.sharding(var.get_metadata()["axes"], mesh, tuple(var.shape))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
