@@ -1,0 +1,390 @@
+"""Pallas (Triton lowering) flash-attention kernels over explicit query positions.
+
+One forward kernel, one dQ kernel and one dK/dV kernel serve both public ops:
+
+- every query row carries its original position ``qpos`` (-1 for a padding row), so the same
+  kernels run on a natural sequence (sliding window: ``qpos = arange``) and on a compacted set
+  of routed queries (conditional global: ``qpos`` = the routed tokens' positions, ascending);
+- key j is visible to a query at position i iff ``j <= i`` and, with a window W, ``i - W < j``,
+  and, with segments, the two share a segment id;
+- a query tile visits only key tiles in [lo, hi) derived from its smallest and largest
+  position, split into tiles that need the mask (edges) and tiles that do not;
+- the dK/dV kernel visits, per key tile, only the query tiles [qstart, qend) computed in XLA,
+  and accumulates all query heads of its GQA group in registers (no atomics).
+
+Softmax runs in base 2: scores are scaled by ``sm_scale * log2(e)`` and the saved
+log-sum-exp is in log2 units; a row that saw no key stores +inf so its probabilities are 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.blocks import AttentionBlocks, BlockConfig
+
+LOG2E = math.log2(math.e)
+_FAR = 1 << 30  # a position beyond any sequence; keeps "no valid row" arithmetic overflow-free
+_M_INIT = -1e30  # finite running-max start, so fully masked tiles never produce inf - inf
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashSpec:
+    """Static description of one attention problem (hashable: it keys compilation)."""
+
+    window: int | None
+    sm_scale: float
+    blocks: AttentionBlocks
+    has_segments: bool
+    interpret: bool
+
+
+def _params(cfg: BlockConfig) -> plgpu.CompilerParams:
+    return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _dot(a, b, *, trans_a=False, trans_b=False):
+    # float32 operands keep full precision; bf16 runs on the tensor cores with f32 accumulation
+    exact = a.dtype == jnp.float32 and b.dtype == jnp.float32
+    return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, allow_tf32=False if exact else None)
+
+
+def _visible(qpos, kpos, qseg, kseg, *, window, causal_edge: bool, has_segments: bool):
+    """(rows, cols) mask of keys visible to queries, or None when every key is visible."""
+    mask = None
+    if causal_edge:
+        mask = kpos[None, :] <= qpos[:, None]
+        if window is not None:
+            mask &= kpos[None, :] > qpos[:, None] - window
+    if has_segments:
+        same = qseg[:, None] == kseg[None, :]
+        mask = same if mask is None else mask & same
+    return mask
+
+
+def _key_tile_ranges(qpos, *, window, block_k):
+    """Key tiles for a query tile: masked [lo, f0), unmasked [f0, f1), masked [f1, hi)."""
+    valid = qpos >= 0
+    maxpos = jnp.max(qpos)
+    minpos = jnp.min(jnp.where(valid, qpos, _FAR))
+    hi = (maxpos + block_k) // block_k  # ceil((maxpos + 1) / block_k); 0 for an empty tile
+    if window is None:
+        lo = jnp.int32(0)
+        f0 = jnp.int32(0)
+    else:
+        lo = jnp.maximum(minpos - window + 1, 0) // block_k
+        first_full = (jnp.maximum(maxpos - window + 1, 0) + block_k - 1) // block_k
+        f0 = jnp.maximum(first_full, lo)
+    f1 = jnp.maximum(jnp.minimum((minpos + 1) // block_k, hi), f0)
+    f0 = jnp.minimum(f0, hi)
+    return lo, f0, f1, hi
+
+
+def _forward_kernel(
+    qpos_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: FlashSpec
+):
+    cfg = spec.blocks.forward
+    bk = cfg.block_k
+    qpos = qpos_ref[...]
+    qseg = qseg_ref[...] if spec.has_segments else None
+    q = q_ref[...]
+    score_scale = spec.sm_scale * LOG2E
+
+    def tile(kb, carry, *, causal_edge):
+        acc, m, denom = carry
+        k0 = pl.multiple_of(kb * bk, bk)
+        k = k_ref[pl.ds(k0, bk), :]
+        v = v_ref[pl.ds(k0, bk), :]
+        s = _dot(q, k, trans_b=True) * score_scale
+        kseg = kseg_ref[pl.ds(k0, bk)] if spec.has_segments else None
+        mask = _visible(
+            qpos,
+            k0 + jnp.arange(bk, dtype=jnp.int32),
+            qseg,
+            kseg,
+            window=spec.window,
+            causal_edge=causal_edge,
+            has_segments=spec.has_segments,
+        )
+        if mask is not None:
+            s = jnp.where(mask, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        denom = denom * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+        return acc, m_new, denom
+
+    lo, f0, f1, hi = _key_tile_ranges(qpos, window=spec.window, block_k=bk)
+    bq, d = q.shape
+    carry = (
+        jnp.zeros((bq, d), jnp.float32),
+        jnp.full((bq,), _M_INIT, jnp.float32),
+        jnp.zeros((bq,), jnp.float32),
+    )
+    carry = jax.lax.fori_loop(lo, f0, functools.partial(tile, causal_edge=True), carry)
+    carry = jax.lax.fori_loop(f0, f1, functools.partial(tile, causal_edge=False), carry)
+    acc, m, denom = jax.lax.fori_loop(f1, hi, functools.partial(tile, causal_edge=True), carry)
+    seen = denom > 0
+    o_ref[...] = (acc / jnp.where(seen, denom, 1.0)[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, denom, 1.0)), jnp.inf)
+
+
+def _dq_kernel(
+    qpos_ref,
+    qseg_ref,
+    kseg_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dq_ref,
+    *,
+    spec: FlashSpec,
+):
+    cfg = spec.blocks.dq
+    bk = cfg.block_k
+    qpos = qpos_ref[...]
+    qseg = qseg_ref[...] if spec.has_segments else None
+    q = q_ref[...]
+    do = do_ref[...]
+    lse = lse_ref[...]
+    delta = delta_ref[...]
+    score_scale = spec.sm_scale * LOG2E
+
+    def tile(kb, dq, *, causal_edge):
+        k0 = pl.multiple_of(kb * bk, bk)
+        k = k_ref[pl.ds(k0, bk), :]
+        v = v_ref[pl.ds(k0, bk), :]
+        s = _dot(q, k, trans_b=True) * score_scale
+        p = jnp.exp2(s - lse[:, None])
+        kseg = kseg_ref[pl.ds(k0, bk)] if spec.has_segments else None
+        mask = _visible(
+            qpos,
+            k0 + jnp.arange(bk, dtype=jnp.int32),
+            qseg,
+            kseg,
+            window=spec.window,
+            causal_edge=causal_edge,
+            has_segments=spec.has_segments,
+        )
+        if mask is not None:
+            p = jnp.where(mask, p, 0.0)
+        dp = _dot(do, v, trans_b=True)
+        ds = p * (dp - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    lo, f0, f1, hi = _key_tile_ranges(qpos, window=spec.window, block_k=bk)
+    dq = jnp.zeros(q.shape, jnp.float32)
+    dq = jax.lax.fori_loop(lo, f0, functools.partial(tile, causal_edge=True), dq)
+    dq = jax.lax.fori_loop(f0, f1, functools.partial(tile, causal_edge=False), dq)
+    dq = jax.lax.fori_loop(f1, hi, functools.partial(tile, causal_edge=True), dq)
+    dq_ref[...] = (dq * spec.sm_scale).astype(dq_ref.dtype)
+
+
+def _dkdv_kernel(
+    qstart_ref,
+    qend_ref,
+    qpos_ref,
+    qseg_ref,
+    kseg_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dk_ref,
+    dv_ref,
+    *,
+    spec: FlashSpec,
+    group: int,
+):
+    cfg = spec.blocks.dkdv
+    bq, bk = cfg.block_q, cfg.block_k
+    k = k_ref[...]
+    v = v_ref[...]
+    d = k.shape[-1]
+    k0 = pl.program_id(1) * bk
+    kpos = k0 + jnp.arange(bk, dtype=jnp.int32)
+    kseg = kseg_ref[...] if spec.has_segments else None
+    score_scale = spec.sm_scale * LOG2E
+    qstart = qstart_ref[0]
+    qend = qend_ref[0]
+
+    def tile(qb, carry, *, head):
+        dk, dv = carry
+        q0 = pl.multiple_of(qb * bq, bq)
+        cols = pl.ds(pl.multiple_of(head * d, d), d)
+        q = q_ref[pl.ds(q0, bq), cols]
+        do = do_ref[pl.ds(q0, bq), cols]
+        lse = lse_ref[head, pl.ds(q0, bq)]
+        delta = delta_ref[head, pl.ds(q0, bq)]
+        qpos = qpos_ref[pl.ds(q0, bq)]
+        qseg = qseg_ref[pl.ds(q0, bq)] if spec.has_segments else None
+        s = _dot(q, k, trans_b=True) * score_scale
+        mask = _visible(
+            qpos,
+            kpos,
+            qseg,
+            kseg,
+            window=spec.window,
+            causal_edge=True,
+            has_segments=spec.has_segments,
+        )
+        p = jnp.where(mask, jnp.exp2(s - lse[:, None]), 0.0)
+        dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+        dp = _dot(do, v, trans_b=True)
+        ds = p * (dp - delta[:, None])
+        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+        return dk, dv
+
+    def head_loop(head, carry):
+        return jax.lax.fori_loop(qstart, qend, functools.partial(tile, head=head), carry)
+
+    zeros = jnp.zeros((bk, d), jnp.float32)
+    dk, dv = jax.lax.fori_loop(0, group, head_loop, (zeros, zeros))
+    dk_ref[...] = (dk * spec.sm_scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def flash_forward(q, k, v, qpos, qseg, kseg, spec: FlashSpec):
+    """q (B, Tq, Hq, D) at positions qpos (B, Tq); k, v (B, Tk, Hkv, D); Tq, Tk padded to the
+    tiles. Returns o (B, Tq, Hq, D) and the log2-sum-exp (B, Hq, Tq) float32."""
+    b, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    group = hq // hkv
+    cfg = spec.blocks.forward
+    nq = tq // cfg.block_q
+
+    def q_rows(h, i, bi):
+        return bi, nq - 1 - i, h, 0  # heaviest (latest) query tiles first
+
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, spec=spec),
+        grid=(hq, nq, b),
+        in_specs=[
+            pl.BlockSpec((None, cfg.block_q), lambda h, i, bi: (bi, nq - 1 - i)),
+            pl.BlockSpec((None, cfg.block_q), lambda h, i, bi: (bi, nq - 1 - i)),
+            pl.BlockSpec((None, tk), lambda h, i, bi: (bi, 0)),
+            pl.BlockSpec((None, cfg.block_q, None, d), q_rows),
+            pl.BlockSpec((None, tk, None, d), lambda h, i, bi: (bi, 0, h // group, 0)),
+            pl.BlockSpec((None, tk, None, d), lambda h, i, bi: (bi, 0, h // group, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, cfg.block_q, None, d), q_rows),
+            pl.BlockSpec((None, None, cfg.block_q), lambda h, i, bi: (bi, h, nq - 1 - i)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((b, hq, tq), jnp.float32),
+        ],
+        compiler_params=_params(cfg),
+        interpret=spec.interpret,
+        name="l2a_flash_forward",
+    )(qpos, qseg, kseg, q, k, v)
+
+
+def flash_backward(q, k, v, o, lse, do, qpos, qseg, kseg, qstart, qend, spec: FlashSpec):
+    """Gradients (dq, dk, dv) of ``flash_forward``. ``qstart``/``qend`` (B, Tk / block_k) int32
+    bound, per key tile, the query tiles (of ``blocks.dkdv.block_q`` rows) that can see it."""
+    b, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    group = hq // hkv
+    delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32))
+
+    cfg = spec.blocks.dq
+    nq = tq // cfg.block_q
+
+    def q_rows(h, i, bi):
+        return bi, nq - 1 - i, h, 0
+
+    def q_stats(h, i, bi):
+        return bi, h, nq - 1 - i
+
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, spec=spec),
+        grid=(hq, nq, b),
+        in_specs=[
+            pl.BlockSpec((None, cfg.block_q), lambda h, i, bi: (bi, nq - 1 - i)),
+            pl.BlockSpec((None, cfg.block_q), lambda h, i, bi: (bi, nq - 1 - i)),
+            pl.BlockSpec((None, tk), lambda h, i, bi: (bi, 0)),
+            pl.BlockSpec((None, cfg.block_q, None, d), q_rows),
+            pl.BlockSpec((None, tk, None, d), lambda h, i, bi: (bi, 0, h // group, 0)),
+            pl.BlockSpec((None, tk, None, d), lambda h, i, bi: (bi, 0, h // group, 0)),
+            pl.BlockSpec((None, cfg.block_q, None, d), q_rows),
+            pl.BlockSpec((None, None, cfg.block_q), q_stats),
+            pl.BlockSpec((None, None, cfg.block_q), q_stats),
+        ],
+        out_specs=pl.BlockSpec((None, cfg.block_q, None, d), q_rows),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=_params(cfg),
+        interpret=spec.interpret,
+        name="l2a_flash_dq",
+    )(qpos, qseg, kseg, q, k, v, do, lse, delta)
+
+    cfg = spec.blocks.dkdv
+    nk = tk // cfg.block_k
+    # a GQA group's query heads side by side, so one program reads all of them
+    q_grouped = q.reshape(b, tq, hkv, group * d)
+    do_grouped = do.reshape(b, tq, hkv, group * d)
+    lse_grouped = lse.reshape(b, hkv, group, tq)
+    delta_grouped = delta.reshape(b, hkv, group, tq)
+
+    def k_rows(h, j, bi):
+        return bi, j, h, 0
+
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkdv_kernel, spec=spec, group=group),
+        grid=(hkv, nk, b),
+        in_specs=[
+            pl.BlockSpec((None, 1), lambda h, j, bi: (bi, j)),
+            pl.BlockSpec((None, 1), lambda h, j, bi: (bi, j)),
+            pl.BlockSpec((None, tq), lambda h, j, bi: (bi, 0)),
+            pl.BlockSpec((None, tq), lambda h, j, bi: (bi, 0)),
+            pl.BlockSpec((None, cfg.block_k), lambda h, j, bi: (bi, j)),
+            pl.BlockSpec((None, tq, None, group * d), lambda h, j, bi: (bi, 0, h, 0)),
+            pl.BlockSpec((None, cfg.block_k, None, d), k_rows),
+            pl.BlockSpec((None, cfg.block_k, None, d), k_rows),
+            pl.BlockSpec((None, tq, None, group * d), lambda h, j, bi: (bi, 0, h, 0)),
+            pl.BlockSpec((None, None, group, tq), lambda h, j, bi: (bi, h, 0, 0)),
+            pl.BlockSpec((None, None, group, tq), lambda h, j, bi: (bi, h, 0, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, cfg.block_k, None, d), k_rows),
+            pl.BlockSpec((None, cfg.block_k, None, d), k_rows),
+        ],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=_params(cfg),
+        interpret=spec.interpret,
+        name="l2a_flash_dkdv",
+    )(qstart, qend, qpos, qseg, kseg, q_grouped, k, v, do_grouped, lse_grouped, delta_grouped)
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def flash_attention(q, k, v, qpos, qseg, kseg, qstart, qend, spec: FlashSpec):
+    """Differentiable in q, k, v; the integer inputs describe positions, segments and tiles."""
+    return flash_forward(q, k, v, qpos, qseg, kseg, spec)[0]
+
+
+def _flash_fwd(q, k, v, qpos, qseg, kseg, qstart, qend, spec):
+    o, lse = flash_forward(q, k, v, qpos, qseg, kseg, spec)
+    return o, (q, k, v, o, lse, qpos, qseg, kseg, qstart, qend)
+
+
+def _flash_bwd(spec, residuals, do):
+    q, k, v, o, lse, qpos, qseg, kseg, qstart, qend = residuals
+    dq, dk, dv = flash_backward(q, k, v, o, lse, do, qpos, qseg, kseg, qstart, qend, spec)
+    return dq, dk, dv, None, None, None, None, None
+
+
+flash_attention.defvjp(_flash_fwd, _flash_bwd)

@@ -1,0 +1,264 @@
+"""Pallas attention kernels against float64 NumPy (values) and jax.grad of the jnp reference
+(gradients). Every case runs in interpret mode (CPU included) and natively on a GPU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import has_gpu
+
+from pallas_kernels import (
+    AttentionBlocks,
+    BlockConfig,
+    conditional_global_attention,
+    conditional_global_attention_reference,
+    sliding_window_attention,
+    sliding_window_attention_reference,
+)
+
+MODES = ["interpret", pytest.param("native", marks=pytest.mark.gpu)]
+
+
+def numpy_attention(q, k, v, *, window=None, route=None, segment_ids=None):
+    """float64 definition, written independently of the jnp reference."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    b, t, hq, d = q.shape
+    group = hq // k.shape[2]
+    out = np.zeros((b, t, hq, d))
+    for bi in range(b):
+        for i in range(t):
+            if route is not None and not route[bi, i]:
+                continue
+            lo = 0 if window is None else max(0, i - window + 1)
+            keys = np.arange(lo, i + 1)
+            if segment_ids is not None:
+                keys = keys[segment_ids[bi, keys] == segment_ids[bi, i]]
+            for h in range(hq):
+                s = k[bi, keys, h // group] @ q[bi, i, h] / np.sqrt(d)
+                p = np.exp(s - s.max())
+                out[bi, i, h] = (p / p.sum()) @ v[bi, keys, h // group]
+    return out
+
+
+def make_inputs(rng, b, t, hq, hkv, d, dtype, segments):
+    q, k, v = (jnp.asarray(rng.standard_normal((b, t, h, d)), dtype) for h in (hq, hkv, hkv))
+    seg = None
+    if segments:  # packed documents of random lengths, different per row
+        seg = jnp.asarray(np.sort(rng.integers(0, 4, (b, t)), axis=1), jnp.int32)
+    return q, k, v, seg
+
+
+def run_mode(mode):
+    if mode == "native" and not has_gpu():
+        pytest.skip("needs a GPU")
+    return mode == "interpret"
+
+
+TOL = {jnp.float32: (1e-5, 1e-4), jnp.bfloat16: (1e-2, 2e-2)}  # (output, gradient) atol
+
+SWA_CASES = [
+    # b, t, hq, hkv, d, window, segments, dtype
+    (1, 1, 4, 4, 64, 1, False, jnp.float32),
+    (2, 200, 4, 1, 64, 37, True, jnp.float32),
+    (1, 1000, 7, 1, 64, 300, False, jnp.float32),
+    (2, 200, 2, 2, 128, 500, True, jnp.float32),
+    (1, 1000, 4, 4, 64, 1, True, jnp.float32),
+    (2, 333, 8, 2, 64, 64, False, jnp.bfloat16),
+]
+
+GLOBAL_CASES = [
+    # b, t, hq, hkv, d, route densities per row, segments, dtype
+    (1, 1, 4, 4, 64, (1.0,), False, jnp.float32),
+    (2, 200, 4, 1, 64, (0.2, 0.2), True, jnp.float32),
+    (1, 1000, 7, 1, 64, (0.2,), False, jnp.float32),
+    (2, 200, 4, 2, 128, (0.0, 0.0), False, jnp.float32),
+    (2, 1000, 4, 4, 64, (1.0, 1.0), True, jnp.float32),
+    (2, 200, 4, 2, 64, (0.9, 0.05), False, jnp.float32),
+    (2, 333, 8, 2, 64, (0.2, 0.5), True, jnp.bfloat16),
+]
+
+
+def make_route(rng, densities, t):
+    return jnp.asarray(np.stack([rng.random(t) < p for p in densities]))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("b,t,hq,hkv,d,window,segments,dtype", SWA_CASES)
+def test_sliding_window_values(mode, b, t, hq, hkv, d, window, segments, dtype, rng):
+    interpret = run_mode(mode)
+    q, k, v, seg = make_inputs(rng, b, t, hq, hkv, d, dtype, segments)
+    out = sliding_window_attention(q, k, v, window=window, segment_ids=seg, interpret=interpret)
+    assert out.shape == q.shape and out.dtype == dtype
+    want = numpy_attention(
+        q, k, v, window=window, segment_ids=None if seg is None else np.asarray(seg)
+    )
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=TOL[dtype][0], rtol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("b,t,hq,hkv,d,densities,segments,dtype", GLOBAL_CASES)
+def test_conditional_global_values(mode, b, t, hq, hkv, d, densities, segments, dtype, rng):
+    interpret = run_mode(mode)
+    q, k, v, seg = make_inputs(rng, b, t, hq, hkv, d, dtype, segments)
+    route = make_route(rng, densities, t)
+    out = conditional_global_attention(q, k, v, route, segment_ids=seg, interpret=interpret)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert not np.asarray(out)[~np.asarray(route)].any(), "skipped tokens must get exactly 0"
+    want = numpy_attention(
+        q, k, v, route=np.asarray(route), segment_ids=None if seg is None else np.asarray(seg)
+    )
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=TOL[dtype][0], rtol=0)
+
+
+def check_grads(op, reference, q, k, v, dtype, rng):
+    do = jnp.asarray(rng.standard_normal(q.shape), dtype)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
+
+    got = jax.grad(loss(op), argnums=(0, 1, 2))(q, k, v)
+    # the reference sees the same (possibly bf16-rounded) inputs, computed in float32
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    want = jax.grad(loss(reference), argnums=(0, 1, 2))(*f32)
+    for name, g, w in zip("qkv", got, want, strict=True):
+        assert g.dtype == dtype, name
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), np.asarray(w), rtol=0, atol=TOL[dtype][1], err_msg=f"d{name}"
+        )
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "b,t,hq,hkv,d,window,segments,dtype", [c for c in SWA_CASES if c[1] <= 333]
+)
+def test_sliding_window_grads(mode, b, t, hq, hkv, d, window, segments, dtype, rng):
+    interpret = run_mode(mode)
+    q, k, v, seg = make_inputs(rng, b, t, hq, hkv, d, dtype, segments)
+    check_grads(
+        lambda q, k, v: sliding_window_attention(
+            q, k, v, window=window, segment_ids=seg, interpret=interpret
+        ),
+        lambda q, k, v: sliding_window_attention_reference(q, k, v, window=window, segment_ids=seg),
+        q,
+        k,
+        v,
+        dtype,
+        rng,
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "b,t,hq,hkv,d,densities,segments,dtype", [c for c in GLOBAL_CASES if c[1] <= 333]
+)
+def test_conditional_global_grads(mode, b, t, hq, hkv, d, densities, segments, dtype, rng):
+    interpret = run_mode(mode)
+    q, k, v, seg = make_inputs(rng, b, t, hq, hkv, d, dtype, segments)
+    route = make_route(rng, densities, t)
+    check_grads(
+        lambda q, k, v: conditional_global_attention(
+            q, k, v, route, segment_ids=seg, interpret=interpret
+        ),
+        lambda q, k, v: conditional_global_attention_reference(q, k, v, route, segment_ids=seg),
+        q,
+        k,
+        v,
+        dtype,
+        rng,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_long_sequence_grads_with_gqa7(mode, rng):
+    interpret = run_mode(mode)
+    q, k, v, seg = make_inputs(rng, 1, 1000, 7, 1, 64, jnp.float32, True)
+    route = make_route(rng, (0.2,), 1000)
+    check_grads(
+        lambda q, k, v: sliding_window_attention(
+            q, k, v, window=300, segment_ids=seg, interpret=interpret
+        ),
+        lambda q, k, v: sliding_window_attention_reference(q, k, v, window=300, segment_ids=seg),
+        q,
+        k,
+        v,
+        jnp.float32,
+        rng,
+    )
+    check_grads(
+        lambda q, k, v: conditional_global_attention(q, k, v, route, interpret=interpret),
+        lambda q, k, v: conditional_global_attention_reference(q, k, v, route),
+        q,
+        k,
+        v,
+        jnp.float32,
+        rng,
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_under_jit_with_other_tiles(mode, rng):
+    """Tile sizes are configuration; rectangular tiles change every loop bound."""
+    interpret = run_mode(mode)
+    q, k, v, seg = make_inputs(rng, 2, 300, 4, 2, 64, jnp.float32, True)
+    route = make_route(rng, (0.3, 0.6), 300)
+    blocks = AttentionBlocks(
+        forward=BlockConfig(64, 16, 4, 1),
+        dq=BlockConfig(16, 32, 4, 1),
+        dkdv=BlockConfig(32, 64, 4, 1),
+    )
+    swa = jax.jit(
+        lambda q, k, v: sliding_window_attention(
+            q, k, v, window=50, segment_ids=seg, interpret=interpret, blocks=blocks
+        )
+    )
+    glob = jax.jit(
+        lambda q, k, v: conditional_global_attention(
+            q, k, v, route, segment_ids=seg, interpret=interpret, blocks=blocks
+        )
+    )
+    np.testing.assert_allclose(
+        swa(q, k, v),
+        sliding_window_attention_reference(q, k, v, window=50, segment_ids=seg),
+        atol=1e-5,
+        rtol=0,
+    )
+    np.testing.assert_allclose(
+        glob(q, k, v),
+        conditional_global_attention_reference(q, k, v, route, segment_ids=seg),
+        atol=1e-5,
+        rtol=0,
+    )
+    check_grads(
+        lambda q, k, v: glob(q, k, v),
+        lambda q, k, v: conditional_global_attention_reference(q, k, v, route, segment_ids=seg),
+        q,
+        k,
+        v,
+        jnp.float32,
+        rng,
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(d=48), "head_dim 48 is not supported"),
+        (dict(window=0), "window must be an int >= 1"),
+        (dict(hkv=3), "multiple of kv heads"),
+        (dict(dtype=jnp.int32), "must be float32, bfloat16 or float16"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(kwargs, match, rng):
+    shape = dict(b=1, t=8, hq=4, hkv=2, d=64, window=4, dtype=jnp.float32) | kwargs
+    q, k, v, _ = make_inputs(
+        rng, shape["b"], shape["t"], shape["hq"], shape["hkv"], shape["d"], shape["dtype"], False
+    )
+    with pytest.raises(ValueError, match=match):
+        sliding_window_attention(q, k, v, window=shape["window"], interpret=True)
+
+
+def test_route_shape_is_checked(rng):
+    q, k, v, _ = make_inputs(rng, 2, 8, 4, 2, 64, jnp.float32, False)
+    with pytest.raises(ValueError, match="route must have shape"):
+        conditional_global_attention(q, k, v, jnp.ones((2, 7), bool), interpret=True)
