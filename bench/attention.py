@@ -1,0 +1,294 @@
+"""Attention kernels on one GPU: correctness first, then forward and forward+backward timings
+of the window kernel, the conditional global kernel and both together (the L2A layer), against
+cuDNN dense causal attention in the same run on the same card.
+
+    python bench/attention.py --out results/        # full table (T = 8K, 32K, 128K)
+    python bench/attention.py --seq-lens 8192 --densities 0.2 --reps 5
+
+FLOPs are counted on the work actually done: 4 * B * H * D per visible (query, key) pair for
+the forward (2 * B * H * T^2 * D for dense causal), 3.5x that for forward+backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from pallas_kernels import (  # noqa: E402
+    conditional_global_attention,
+    conditional_global_attention_reference,
+    sliding_window_attention,
+    sliding_window_attention_reference,
+)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 32768, 131072])
+    p.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.2, 0.5])
+    p.add_argument("--window", type=int, default=4096)
+    p.add_argument("--heads", type=int, default=28)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--check-len", type=int, default=4096, help="length of the correctness check")
+    p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--out", type=pathlib.Path, default=None, help="folder for JSON + markdown")
+    return p.parse_args()
+
+
+def median_ms(fn, *args, reps: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile and warm up
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def random_route(key, seq_len: int, density: float) -> jax.Array:
+    """Exactly round(density * T) tokens routed, at random positions."""
+    count = round(density * seq_len)
+    chosen = jax.random.permutation(key, seq_len)[:count]
+    return jnp.zeros((1, seq_len), bool).at[0, chosen].set(True)
+
+
+def qkv(key, seq_len, args, dtype=jnp.bfloat16):
+    kq, kk, kv = jax.random.split(key, 3)
+    shape_q = (1, seq_len, args.heads, args.head_dim)
+    shape_kv = (1, seq_len, args.kv_heads, args.head_dim)
+    return (
+        jax.random.normal(kq, shape_q, dtype),
+        jax.random.normal(kk, shape_kv, dtype),
+        jax.random.normal(kv, shape_kv, dtype),
+    )
+
+
+def cudnn_causal(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
+def fwd_bwd(fn):
+    """One jitted forward + backward: the VJP of cotangent ``do`` for every input."""
+
+    def run(*inputs_and_do):
+        *inputs, do = inputs_and_do
+        out, vjp = jax.vjp(fn, *inputs)
+        return out, vjp(do)
+
+    return jax.jit(run)
+
+
+def rel_err(got, want) -> float:
+    got = np.asarray(got, np.float32)
+    want = np.asarray(want, np.float32)
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def check(args) -> list[dict]:
+    """Relative errors of our kernels against the f32 jnp reference and against cuDNN."""
+    t = args.check_len
+    key = jax.random.key(1)
+    q, k, v = qkv(key, t, args)
+    do = jax.random.normal(jax.random.key(2), q.shape, q.dtype)
+    route = random_route(jax.random.key(3), t, 0.2)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    cases = {
+        "window": (
+            lambda q, k, v: sliding_window_attention(q, k, v, window=args.window // 4),
+            lambda q, k, v: sliding_window_attention_reference(q, k, v, window=args.window // 4),
+        ),
+        "global 20%": (
+            lambda q, k, v: conditional_global_attention(q, k, v, route),
+            lambda q, k, v: conditional_global_attention_reference(q, k, v, route),
+        ),
+        "global 100% vs cuDNN": (
+            lambda q, k, v: conditional_global_attention(q, k, v, jnp.ones((1, t), bool)),
+            cudnn_causal,
+        ),
+    }
+    rows = []
+    for name, (ours, ref) in cases.items():
+        got_o, got_g = fwd_bwd(ours)(q, k, v, do)
+        inputs = (q, k, v) if ref is cudnn_causal else f32
+        want_o, want_g = fwd_bwd(ref)(*inputs, do.astype(inputs[0].dtype))
+        row = {"check": name, "T": t, "out": rel_err(got_o, want_o)}
+        row.update({f"d{n}": rel_err(g, w) for n, g, w in zip("qkv", got_g, want_g, strict=True)})
+        ok = all(np.isfinite(x) and x < 2e-2 for x in list(row.values())[2:])
+        row["ok"] = ok
+        rows.append(row)
+        print(
+            f"check {name:<22} T={t}: "
+            + "  ".join(f"{n} {row[n]:.2e}" for n in ("out", "dq", "dk", "dv"))
+            + ("  OK" if ok else "  FAIL"),
+            flush=True,
+        )
+    return rows
+
+
+def matmul_tflops(reps: int) -> float:
+    n = 8192
+    a = jax.random.normal(jax.random.key(4), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(5), (n, n), jnp.bfloat16)
+    ms = median_ms(jax.jit(lambda a, b: a @ b), a, b, reps=reps)
+    return 2 * n**3 / ms / 1e9
+
+
+def window_pairs(t: int, w: int) -> int:
+    m = min(t, w)
+    return m * (m + 1) // 2 + (t - m) * w
+
+
+def routed_pairs(route: jax.Array) -> int:
+    return int(np.sum(np.nonzero(np.asarray(route[0]))[0] + 1))
+
+
+def record(rows, args, t, do, what, density, pairs, fn, inputs):
+    """Times ``fn(*inputs)`` forward and forward+backward; speedups against the cuDNN row of
+    the same T (which must come first)."""
+    flops = 4 * args.heads * args.head_dim * pairs
+    fwd_ms = median_ms(jax.jit(fn), *inputs, reps=args.reps)
+    both_ms = median_ms(fwd_bwd(fn), *inputs, do, reps=args.reps)
+    row = {
+        "what": what,
+        "T": t,
+        "density": density,
+        "fwd_ms": fwd_ms,
+        "fwd_bwd_ms": both_ms,
+        "fwd_tflops": flops / fwd_ms / 1e9,
+        "fwd_bwd_tflops": 3.5 * flops / both_ms / 1e9,
+        "ideal": t * (t + 1) / 2 / pairs,
+    }
+    rows.append(row)
+    dense = next(r for r in rows if r["T"] == t and r["what"] == "cuDNN dense causal")
+    row["speedup_fwd"] = dense["fwd_ms"] / fwd_ms
+    row["speedup_fwd_bwd"] = dense["fwd_bwd_ms"] / both_ms
+    print(
+        f"T={t:>6} {what:<24} {density if density is not None else '':>5} "
+        f"fwd {fwd_ms:8.2f} ms ({row['fwd_tflops']:4.0f} TF/s, x{row['speedup_fwd']:.2f})  "
+        f"f+b {both_ms:8.2f} ms ({row['fwd_bwd_tflops']:4.0f} TF/s, "
+        f"x{row['speedup_fwd_bwd']:.2f})  ideal x{row['ideal']:.2f}",
+        flush=True,
+    )
+
+
+def main():
+    args = parse_args()
+    device = jax.devices()[0]
+    meta = {
+        "device": device.device_kind,
+        "jax": jax.__version__,
+        "date": datetime.date.today().isoformat(),
+        "heads": args.heads,
+        "kv_heads": args.kv_heads,
+        "head_dim": args.head_dim,
+        "window": args.window,
+        "command": " ".join(sys.argv),
+    }
+    print(json.dumps(meta), flush=True)
+    if device.platform != "gpu":
+        raise SystemExit("bench/attention.py times GPU kernels; no GPU is visible to JAX")
+    checks = [] if args.skip_check else check(args)
+    peak = matmul_tflops(args.reps)
+    print(f"bf16 matmul 8192^3: {peak:.0f} TFLOP/s", flush=True)
+
+    rows = []
+    for t in args.seq_lens:
+        q, k, v = qkv(jax.random.key(t), t, args)
+        q2, k2, v2 = qkv(jax.random.key(t + 1), t, args)
+        do = jax.random.normal(jax.random.key(t + 2), q.shape, q.dtype)
+
+        common = (rows, args, t, do)
+        record(*common, "cuDNN dense causal", None, t * (t + 1) // 2, cudnn_causal, (q, k, v))
+        w_pairs = window_pairs(t, args.window)
+        record(
+            *common,
+            "window",
+            None,
+            w_pairs,
+            lambda q, k, v: sliding_window_attention(q, k, v, window=args.window),
+            (q, k, v),
+        )
+        for density in args.densities:
+            route = random_route(jax.random.key(t + 3), t, density)
+            g_pairs = routed_pairs(route)
+            record(
+                *common,
+                "global",
+                density,
+                g_pairs,
+                lambda q, k, v, route=route: conditional_global_attention(q, k, v, route),
+                (q, k, v),
+            )
+
+            def layer(q, k, v, q2, k2, v2, route=route):
+                # the L2A layer: window attention for all tokens + global attention for the
+                # routed ones, each branch with its own q/k/v
+                return sliding_window_attention(
+                    q, k, v, window=args.window
+                ) + conditional_global_attention(q2, k2, v2, route)
+
+            record(
+                *common,
+                "window + global (layer)",
+                density,
+                w_pairs + g_pairs,
+                layer,
+                (q, k, v, q2, k2, v2),
+            )
+
+    table = format_table(rows, meta, peak, checks)
+    print("\n" + table)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = f"attention-{meta['device'].replace(' ', '_')}"
+        (args.out / f"{stem}.json").write_text(
+            json.dumps(
+                {"meta": meta, "matmul_tflops": peak, "checks": checks, "rows": rows}, indent=1
+            )
+        )
+        (args.out / f"{stem}.md").write_text(table)
+
+
+def format_table(rows, meta, peak, checks) -> str:
+    lines = [
+        f"{meta['device']}, jax {meta['jax']}, {meta['date']}; B=1, Hq={meta['heads']}, "
+        f"Hkv={meta['kv_heads']}, D={meta['head_dim']}, bf16, window {meta['window']}; "
+        f"bf16 matmul {peak:.0f} TFLOP/s",
+        "",
+        "| what | T | routed | fwd ms | fwd TFLOP/s | fwd vs cuDNN | f+b ms | f+b TFLOP/s "
+        "| f+b vs cuDNN | ideal |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['what']} | {r['T'] // 1024}K | {r['density'] if r['density'] else ''} | "
+            f"{r['fwd_ms']:.2f} | {r['fwd_tflops']:.0f} | {r['speedup_fwd']:.2f}x | "
+            f"{r['fwd_bwd_ms']:.2f} | {r['fwd_bwd_tflops']:.0f} | {r['speedup_fwd_bwd']:.2f}x | "
+            f"{r['ideal']:.2f}x |"
+        )
+    if checks:
+        lines += ["", "| check | T | out | dq | dk | dv |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"| {c['check']} | {c['T']} | {c['out']:.1e} | {c['dq']:.1e} | {c['dk']:.1e} "
+            f"| {c['dv']:.1e} |"
+            for c in checks
+        ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
