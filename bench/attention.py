@@ -4,6 +4,7 @@ cuDNN dense causal attention in the same run on the same card.
 
     python bench/attention.py --out results/        # full table (T = 8K, 32K, 128K)
     python bench/attention.py --seq-lens 8192 --densities 0.2 --reps 5
+    python bench/attention.py --tune               # pick tiles at T=32K first, then the table
 
 FLOPs are counted on the work actually done: 4 * B * H * D per visible (query, key) pair for
 the forward (2 * B * H * T^2 * D for dense causal), 3.5x that for forward+backward.
@@ -26,6 +27,8 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from pallas_kernels import (  # noqa: E402
+    AttentionBlocks,
+    BlockConfig,
     conditional_global_attention,
     conditional_global_attention_reference,
     sliding_window_attention,
@@ -44,6 +47,8 @@ def parse_args():
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--check-len", type=int, default=4096, help="length of the correctness check")
     p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--tune", action="store_true", help="sweep tile configs before the table")
+    p.add_argument("--tune-len", type=int, default=32768)
     p.add_argument("--out", type=pathlib.Path, default=None, help="folder for JSON + markdown")
     return p.parse_args()
 
@@ -82,11 +87,20 @@ def cudnn_causal(q, k, v):
 
 
 def fwd_bwd(fn):
-    """One jitted forward + backward: the VJP of cotangent ``do`` for every input."""
+    """One jitted forward + backward: the VJP of cotangent ``do`` for every float input
+    (integer and boolean inputs, such as the route, are passed through)."""
 
     def run(*inputs_and_do):
         *inputs, do = inputs_and_do
-        out, vjp = jax.vjp(fn, *inputs)
+        diff = [i for i, x in enumerate(inputs) if jnp.issubdtype(x.dtype, jnp.floating)]
+
+        def of_floats(*floats):
+            full = list(inputs)
+            for i, x in zip(diff, floats, strict=True):
+                full[i] = x
+            return fn(*full)
+
+        out, vjp = jax.vjp(of_floats, *(inputs[i] for i in diff))
         return out, vjp(do)
 
     return jax.jit(run)
@@ -137,6 +151,84 @@ def check(args) -> list[dict]:
             flush=True,
         )
     return rows
+
+
+FORWARD_CANDIDATES = [
+    (128, 64, 8, 3),
+    (128, 128, 8, 3),
+    (128, 64, 4, 3),
+    (128, 128, 8, 2),
+    (64, 64, 4, 3),
+    (128, 32, 4, 3),
+]
+DQ_CANDIDATES = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3)]
+DKDV_CANDIDATES = [
+    (64, 64, 4, 2),
+    (64, 128, 8, 2),
+    (128, 64, 8, 2),
+    (32, 128, 8, 2),
+    (128, 128, 8, 2),
+    (64, 64, 4, 3),
+]
+
+
+def tune(args) -> tuple[AttentionBlocks, list[dict]]:
+    """Coordinate search at ``--tune-len``: the forward tile by forward time, then the dQ and
+    dK/dV tiles by forward+backward time, each summed over the window kernel and the global
+    kernel at 20% routing."""
+    t = args.tune_len
+    q, k, v = qkv(jax.random.key(7), t, args)
+    do = jax.random.normal(jax.random.key(8), q.shape, q.dtype)
+    route = random_route(jax.random.key(9), t, 0.2)
+    log = []
+
+    def cost(blocks, backward):
+        total = 0.0
+        for name, fn in (
+            (
+                "window",
+                lambda q, k, v, route: sliding_window_attention(
+                    q, k, v, window=args.window, blocks=blocks
+                ),
+            ),
+            (
+                "global",
+                lambda q, k, v, route: conditional_global_attention(q, k, v, route, blocks=blocks),
+            ),
+        ):
+            try:
+                if backward:
+                    run = fwd_bwd(lambda q, k, v, fn=fn: fn(q, k, v, route))
+                    total += median_ms(run, q, k, v, do, reps=max(3, args.reps // 2))
+                else:
+                    total += median_ms(jax.jit(fn), q, k, v, route, reps=args.reps)
+            except Exception as e:  # a tile that does not fit the chip's shared memory
+                print(f"  {name} {blocks}: failed ({type(e).__name__})", flush=True)
+                return float("inf")
+        return total
+
+    def pick(field, candidates, current, backward):
+        best, best_ms = current, float("inf")
+        for c in candidates:
+            blocks = AttentionBlocks(**{**current.__dict__, field: BlockConfig(*c)})
+            ms = cost(blocks, backward)
+            log.append({"kernel": field, "tile": c, "ms": ms, "backward": backward})
+            print(
+                f"tune {field:<7} q{c[0]:<3} k{c[1]:<3} warps {c[2]} stages {c[3]}: {ms:8.2f} ms",
+                flush=True,
+            )
+            if ms < best_ms:
+                best, best_ms = blocks, ms
+        return best
+
+    blocks = AttentionBlocks(
+        *(BlockConfig(*c[0]) for c in (FORWARD_CANDIDATES, DQ_CANDIDATES, DKDV_CANDIDATES))
+    )
+    blocks = pick("forward", FORWARD_CANDIDATES, blocks, backward=False)
+    blocks = pick("dq", DQ_CANDIDATES, blocks, backward=True)
+    blocks = pick("dkdv", DKDV_CANDIDATES, blocks, backward=True)
+    print(f"tuned: {blocks}", flush=True)
+    return blocks, log
 
 
 def matmul_tflops(reps: int) -> float:
@@ -202,6 +294,8 @@ def main():
     if device.platform != "gpu":
         raise SystemExit("bench/attention.py times GPU kernels; no GPU is visible to JAX")
     checks = [] if args.skip_check else check(args)
+    blocks, tune_log = tune(args) if args.tune else (None, [])
+    meta["blocks"] = str(blocks) if blocks else "default heuristics"
     peak = matmul_tflops(args.reps)
     print(f"bf16 matmul 8192^3: {peak:.0f} TFLOP/s", flush=True)
 
@@ -219,7 +313,7 @@ def main():
             "window",
             None,
             w_pairs,
-            lambda q, k, v: sliding_window_attention(q, k, v, window=args.window),
+            lambda q, k, v: sliding_window_attention(q, k, v, window=args.window, blocks=blocks),
             (q, k, v),
         )
         for density in args.densities:
@@ -230,16 +324,15 @@ def main():
                 "global",
                 density,
                 g_pairs,
-                lambda q, k, v, route=route: conditional_global_attention(q, k, v, route),
-                (q, k, v),
+                lambda q, k, v, route: conditional_global_attention(q, k, v, route, blocks=blocks),
+                (q, k, v, route),
             )
 
-            def layer(q, k, v, q2, k2, v2, route=route):
+            def layer(q, k, v, q2, k2, v2, route):
                 # the L2A layer: window attention for all tokens + global attention for the
                 # routed ones, each branch with its own q/k/v
-                return sliding_window_attention(
-                    q, k, v, window=args.window
-                ) + conditional_global_attention(q2, k2, v2, route)
+                local = sliding_window_attention(q, k, v, window=args.window, blocks=blocks)
+                return local + conditional_global_attention(q2, k2, v2, route, blocks=blocks)
 
             record(
                 *common,
@@ -247,7 +340,7 @@ def main():
                 density,
                 w_pairs + g_pairs,
                 layer,
-                (q, k, v, q2, k2, v2),
+                (q, k, v, q2, k2, v2, route),
             )
 
     table = format_table(rows, meta, peak, checks)

@@ -11,10 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.blocks import AttentionBlocks, check_head_dim, default_blocks
-from pallas_kernels.flash import FlashSpec, flash_attention
+from pallas_kernels.flash import FlashSpec, flash_attention, query_tiles_per_key_tile
 from pallas_kernels.reference import check_attention_shapes
-
-_BIG = jnp.iinfo(jnp.int32).max
 
 
 def _resolve_interpret(interpret: bool | None) -> bool:
@@ -82,14 +80,9 @@ def sliding_window_attention(
     b, t = q.shape[:2]
     qpos = jnp.broadcast_to(jnp.arange(padded, dtype=jnp.int32), (b, padded))
     seg = _segments(segment_ids, b, padded)
-    cfg = spec.blocks.dkdv
-    k0 = jnp.arange(padded // cfg.block_k, dtype=jnp.int32) * cfg.block_k
-    qstart = k0 // cfg.block_q
-    qend = jnp.minimum(padded // cfg.block_q, -(-(k0 + cfg.block_k + window - 1) // cfg.block_q))
-    qstart = jnp.broadcast_to(qstart, (b, qstart.shape[0]))
-    qend = jnp.broadcast_to(qend, (b, qend.shape[0]))
+    qtiles = _qtiles(qpos, spec)
     out = flash_attention(
-        _pad(q, padded), _pad(k, padded), _pad(v, padded), qpos, seg, seg, qstart, qend, spec
+        _pad(q, padded), _pad(k, padded), _pad(v, padded), qpos, seg, seg, qtiles, spec
     )
     return out[:, :t]
 
@@ -98,8 +91,8 @@ def compact_routed(route: jax.Array, padded: int):
     """Routed tokens first, in their original order.
 
     Returns ``order`` (B, padded): the original index of each compacted row (0 for padding),
-    ``qpos`` (B, padded): the same with -1 for padding rows, ``slot`` (B, T): each token's
-    compacted row, and ``count`` (B,): the number of routed tokens.
+    ``qpos`` (B, padded): the same with -1 for padding rows, and ``slot`` (B, T): each
+    token's compacted row.
     """
     b, t = route.shape
     slot = jnp.cumsum(route, axis=1, dtype=jnp.int32) - 1
@@ -111,20 +104,14 @@ def compact_routed(route: jax.Array, padded: int):
         .set(jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)), mode="drop")
     )
     qpos = jnp.where(jnp.arange(padded)[None, :] < count[:, None], order, -1)
-    return order, qpos, slot, count
+    return order, qpos, slot
 
 
-def _query_tiles_per_key_tile(qpos, count, cfg, padded):
-    """For each key tile, the compacted query tiles [qstart, qend) whose rows can see it: those
-    whose largest position reaches the tile (positions ascend, so a suffix of the routed ones)."""
-    b = qpos.shape[0]
-    tile_max = qpos.reshape(b, -1, cfg.block_q).max(axis=-1)
-    tile_max = jnp.where(tile_max < 0, _BIG, tile_max)
-    k0 = jnp.arange(padded // cfg.block_k, dtype=jnp.int32) * cfg.block_k
-    qstart = jax.vmap(lambda m: jnp.searchsorted(m, k0, side="left"))(tile_max).astype(jnp.int32)
-    qend = (count + cfg.block_q - 1) // cfg.block_q
-    qend = jnp.broadcast_to(qend[:, None], qstart.shape).astype(jnp.int32)
-    return jnp.minimum(qstart, qend), qend
+def _qtiles(qpos, spec: FlashSpec):
+    cfg = spec.blocks.dkdv
+    return query_tiles_per_key_tile(
+        qpos, window=spec.window, block_q=cfg.block_q, block_k=cfg.block_k
+    )
 
 
 def conditional_global_attention(
@@ -146,15 +133,15 @@ def conditional_global_attention(
     spec, padded = _setup(q, k, v, segment_ids, route, sm_scale, interpret, blocks, None)
     b, t = q.shape[:2]
     route = route.astype(bool)
-    order, qpos, slot, count = compact_routed(route, padded)
+    order, qpos, slot = compact_routed(route, padded)
     seg = _segments(segment_ids, b, padded)
     rows = order[:, :, None, None]
     is_row = (qpos >= 0)[:, :, None, None]
     q_compact = jnp.where(is_row, jnp.take_along_axis(q, jnp.minimum(rows, t - 1), axis=1), 0)
     qseg = jnp.take_along_axis(seg, order, axis=1)
-    qstart, qend = _query_tiles_per_key_tile(qpos, count, spec.blocks.dkdv, padded)
+    qtiles = _qtiles(qpos, spec)
     out = flash_attention(
-        q_compact, _pad(k, padded), _pad(v, padded), qpos, qseg, seg, qstart, qend, spec
+        q_compact, _pad(k, padded), _pad(v, padded), qpos, qseg, seg, qtiles, spec
     )
     gathered = jnp.take_along_axis(out, jnp.maximum(slot, 0)[:, :, None, None], axis=1)
     return jnp.where(route[:, :, None, None], gathered, jnp.zeros((), out.dtype))

@@ -9,8 +9,9 @@ One forward kernel, one dQ kernel and one dK/dV kernel serve both public ops:
   and, with segments, the two share a segment id;
 - a query tile visits only key tiles in [lo, hi) derived from its smallest and largest
   position, split into tiles that need the mask (edges) and tiles that do not;
-- the dK/dV kernel visits, per key tile, only the query tiles [qstart, qend) computed in XLA,
-  and accumulates all query heads of its GQA group in registers (no atomics).
+- the dK/dV kernel visits, per key tile, only the query tiles that can see it (computed in
+  XLA by ``query_tiles_per_key_tile``, again split into edge and interior tiles), and
+  accumulates all query heads of its GQA group in registers (no atomics).
 
 Softmax runs in base 2: scores are scaled by ``sm_scale * log2(e)`` and the saved
 log-sum-exp is in log2 units; a row that saw no key stores +inf so its probabilities are 0.
@@ -191,8 +192,7 @@ def _dq_kernel(
 
 
 def _dkdv_kernel(
-    qstart_ref,
-    qend_ref,
+    qtiles_ref,
     qpos_ref,
     qseg_ref,
     kseg_ref,
@@ -217,10 +217,9 @@ def _dkdv_kernel(
     kpos = k0 + jnp.arange(bk, dtype=jnp.int32)
     kseg = kseg_ref[...] if spec.has_segments else None
     score_scale = spec.sm_scale * LOG2E
-    qstart = qstart_ref[0]
-    qend = qend_ref[0]
+    start, full_start, full_end, end = (qtiles_ref[i] for i in range(4))
 
-    def tile(qb, carry, *, head):
+    def tile(qb, carry, *, head, causal_edge):
         dk, dv = carry
         q0 = pl.multiple_of(qb * bq, bq)
         cols = pl.ds(pl.multiple_of(head * d, d), d)
@@ -237,10 +236,12 @@ def _dkdv_kernel(
             qseg,
             kseg,
             window=spec.window,
-            causal_edge=True,
+            causal_edge=causal_edge,
             has_segments=spec.has_segments,
         )
-        p = jnp.where(mask, jnp.exp2(s - lse[:, None]), 0.0)
+        p = jnp.exp2(s - lse[:, None])
+        if mask is not None:
+            p = jnp.where(mask, p, 0.0)
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
         dp = _dot(do, v, trans_b=True)
         ds = p * (dp - delta[:, None])
@@ -248,12 +249,51 @@ def _dkdv_kernel(
         return dk, dv
 
     def head_loop(head, carry):
-        return jax.lax.fori_loop(qstart, qend, functools.partial(tile, head=head), carry)
+        edge = functools.partial(tile, head=head, causal_edge=True)
+        carry = jax.lax.fori_loop(start, full_start, edge, carry)
+        carry = jax.lax.fori_loop(
+            full_start, full_end, functools.partial(tile, head=head, causal_edge=False), carry
+        )
+        return jax.lax.fori_loop(full_end, end, edge, carry)
 
     zeros = jnp.zeros((bk, d), jnp.float32)
     dk, dv = jax.lax.fori_loop(0, group, head_loop, (zeros, zeros))
     dk_ref[...] = (dk * spec.sm_scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def query_tiles_per_key_tile(qpos, *, window, block_q, block_k):
+    """For each key tile, which query tiles (of ``block_q`` rows) can see it, as
+    (B, Tk / block_k, 4) int32 [start, full_start, full_end, end]: tiles in [start, end) see part
+    of it, and those in [full_start, full_end) see all of it without a mask.
+
+    Needs positions ascending along the rows (padding rows, -1, last): true both for natural
+    order and for compacted routed tokens, so tile minima and maxima are sorted and a binary
+    search finds each bound.
+    """
+    b, t = qpos.shape
+    tiles = qpos.reshape(b, t // block_q, block_q)
+    empty = tiles.max(axis=-1) < 0
+    tile_max = jnp.where(empty, _FAR, tiles.max(axis=-1))
+    tile_min = jnp.where(tiles >= 0, tiles, _FAR).min(axis=-1)
+    first_key = jnp.arange(t // block_k, dtype=jnp.int32) * block_k
+    last_key = first_key + block_k - 1
+    search = jax.vmap(
+        lambda sorted_, x: jnp.searchsorted(sorted_, x, side="left"), in_axes=(0, None)
+    )
+    end = jnp.sum(~empty, axis=1, keepdims=True).astype(jnp.int32)
+    start = search(tile_max, first_key)  # first tile reaching the key tile
+    full_start = search(tile_min, last_key)  # first tile whose rows all follow the key tile
+    if window is not None:
+        end = jnp.minimum(end, search(tile_min, last_key + window))  # rows past the window
+        full_end = search(tile_max, first_key + window)
+    else:
+        full_end = end
+    end = jnp.broadcast_to(end, start.shape)
+    start = jnp.minimum(start, end)
+    full_start = jnp.clip(full_start, start, end)
+    full_end = jnp.clip(full_end, full_start, end)
+    return jnp.stack([start, full_start, full_end, end], axis=-1).astype(jnp.int32)
 
 
 def flash_forward(q, k, v, qpos, qseg, kseg, spec: FlashSpec):
@@ -293,9 +333,9 @@ def flash_forward(q, k, v, qpos, qseg, kseg, spec: FlashSpec):
     )(qpos, qseg, kseg, q, k, v)
 
 
-def flash_backward(q, k, v, o, lse, do, qpos, qseg, kseg, qstart, qend, spec: FlashSpec):
-    """Gradients (dq, dk, dv) of ``flash_forward``. ``qstart``/``qend`` (B, Tk / block_k) int32
-    bound, per key tile, the query tiles (of ``blocks.dkdv.block_q`` rows) that can see it."""
+def flash_backward(q, k, v, o, lse, do, qpos, qseg, kseg, qtiles, spec: FlashSpec):
+    """Gradients (dq, dk, dv) of ``flash_forward``. ``qtiles`` (B, Tk / block_k, 4) int32 from
+    ``query_tiles_per_key_tile``."""
     b, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -346,8 +386,7 @@ def flash_backward(q, k, v, o, lse, do, qpos, qseg, kseg, qstart, qend, spec: Fl
         functools.partial(_dkdv_kernel, spec=spec, group=group),
         grid=(hkv, nk, b),
         in_specs=[
-            pl.BlockSpec((None, 1), lambda h, j, bi: (bi, j)),
-            pl.BlockSpec((None, 1), lambda h, j, bi: (bi, j)),
+            pl.BlockSpec((None, None, 4), lambda h, j, bi: (bi, j, 0)),
             pl.BlockSpec((None, tq), lambda h, j, bi: (bi, 0)),
             pl.BlockSpec((None, tq), lambda h, j, bi: (bi, 0)),
             pl.BlockSpec((None, cfg.block_k), lambda h, j, bi: (bi, j)),
@@ -366,25 +405,25 @@ def flash_backward(q, k, v, o, lse, do, qpos, qseg, kseg, qstart, qend, spec: Fl
         compiler_params=_params(cfg),
         interpret=spec.interpret,
         name="l2a_flash_dkdv",
-    )(qstart, qend, qpos, qseg, kseg, q_grouped, k, v, do_grouped, lse_grouped, delta_grouped)
+    )(qtiles, qpos, qseg, kseg, q_grouped, k, v, do_grouped, lse_grouped, delta_grouped)
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
-def flash_attention(q, k, v, qpos, qseg, kseg, qstart, qend, spec: FlashSpec):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def flash_attention(q, k, v, qpos, qseg, kseg, qtiles, spec: FlashSpec):
     """Differentiable in q, k, v; the integer inputs describe positions, segments and tiles."""
     return flash_forward(q, k, v, qpos, qseg, kseg, spec)[0]
 
 
-def _flash_fwd(q, k, v, qpos, qseg, kseg, qstart, qend, spec):
+def _flash_fwd(q, k, v, qpos, qseg, kseg, qtiles, spec):
     o, lse = flash_forward(q, k, v, qpos, qseg, kseg, spec)
-    return o, (q, k, v, o, lse, qpos, qseg, kseg, qstart, qend)
+    return o, (q, k, v, o, lse, qpos, qseg, kseg, qtiles)
 
 
 def _flash_bwd(spec, residuals, do):
-    q, k, v, o, lse, qpos, qseg, kseg, qstart, qend = residuals
-    dq, dk, dv = flash_backward(q, k, v, o, lse, do, qpos, qseg, kseg, qstart, qend, spec)
-    return dq, dk, dv, None, None, None, None, None
+    q, k, v, o, lse, qpos, qseg, kseg, qtiles = residuals
+    dq, dk, dv = flash_backward(q, k, v, o, lse, do, qpos, qseg, kseg, qtiles, spec)
+    return dq, dk, dv, None, None, None, None
 
 
 flash_attention.defvjp(_flash_fwd, _flash_bwd)
