@@ -350,7 +350,14 @@ def main():
         stem = f"attention-{meta['device'].replace(' ', '_')}"
         (args.out / f"{stem}.json").write_text(
             json.dumps(
-                {"meta": meta, "matmul_tflops": peak, "checks": checks, "rows": rows}, indent=1
+                {
+                    "meta": meta,
+                    "matmul_tflops": peak,
+                    "checks": checks,
+                    "rows": rows,
+                    "tune": tune_log,
+                },
+                indent=1,
             )
         )
         (args.out / f"{stem}.md").write_text(table)
