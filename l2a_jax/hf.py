@@ -1,54 +1,35 @@
 """Hugging Face checkpoints <-> l2a_jax models.
 
 One key table maps every HF tensor name to a parameter path and a layout transform; both
-directions use it. Loading builds the model abstractly, streams tensors one at a time from
-memory-mapped safetensors (optionally straight onto a sharding), and reports every unmapped,
-missing, duplicate or mis-shaped tensor in one error.
+directions use it. Loading (``weights.load_weights``) builds the model abstractly, streams
+tensors one at a time from memory-mapped safetensors (optionally straight onto a sharding), and
+reports every unmapped, missing, duplicate or mis-shaped tensor in one error.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
-from collections.abc import Callable
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from l2a_jax.config import ConfigError, ModelConfig
 from l2a_jax.model import QwenModel
-from l2a_jax.safetensors_io import (
-    SafetensorsError,
-    SafetensorsFile,
-    iter_checkpoint_files,
-    write_safetensors,
-)
+from l2a_jax.routing import L2AConfig
+from l2a_jax.safetensors_io import iter_checkpoint_files
 from l2a_jax.sharding import ShardingRules
+from l2a_jax.weights import (
+    SAME,
+    SKIP,
+    Layout,
+    load_weights,
+    model_parameters,
+    write_weights,
+)
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model its config describes; lists every problem."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """How an HF tensor is laid out relative to ours.
-
-    ``to_ours(hf_array, our_shape)`` and ``to_hf(our_array)``; ``hf_shape(our_shape)`` lets the
-    loader check shapes before converting anything.
-    """
-
-    to_ours: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
-    hf_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
-
-
-SAME = Layout(lambda a, s: a, lambda a: a, lambda s: s)
 # nn.Linear (out, in) <-> (in, out)
 LINEAR = Layout(lambda a, s: a.T, lambda a: a.T, lambda s: s[::-1])
 # nn.Linear (heads*head_dim, embed) <-> (embed, heads, head_dim)
@@ -65,6 +46,8 @@ HEADS_OUT = Layout(
 )
 # bias (heads*head_dim,) <-> (heads, head_dim)
 HEADS_BIAS = Layout(lambda a, s: a.reshape(s), lambda a: a.reshape(-1), lambda s: (s[0] * s[1],))
+# router nn.Linear(hidden, 1) weight (1, hidden) <-> (hidden,)
+ROUTER = Layout(lambda a, s: a.reshape(s), lambda a: a.reshape(1, -1), lambda s: (1, s[0]))
 
 _PLACEHOLDERS = {"layer": r"\d+", "qkv": "[qkv]", "qk": "[qk]", "ffn": "gate|up|down"}
 
@@ -89,6 +72,26 @@ KEY_TABLE: tuple[tuple[str, str, Layout], ...] = (
         SAME,
     ),
     ("model.layers.{layer}.mlp.{ffn}_proj.weight", "layers.{layer}.mlp.w_{ffn}", LINEAR),
+    # L2A layers: the window branch keeps the base names above; the global branch and router
+    ("model.layers.{layer}.global_layernorm.weight", "layers.{layer}.global_norm.weight", SAME),
+    ("model.layers.{layer}.router.weight", "layers.{layer}.router", ROUTER),
+    (
+        "model.layers.{layer}.global_attn.{qkv}_proj.weight",
+        "layers.{layer}.global_attn.w{qkv}",
+        HEADS_IN,
+    ),
+    (
+        "model.layers.{layer}.global_attn.{qkv}_proj.bias",
+        "layers.{layer}.global_attn.b{qkv}",
+        HEADS_BIAS,
+    ),
+    ("model.layers.{layer}.global_attn.o_proj.weight", "layers.{layer}.global_attn.wo", HEADS_OUT),
+    ("model.layers.{layer}.global_attn.o_proj.bias", "layers.{layer}.global_attn.bo", SAME),
+    (
+        "model.layers.{layer}.global_attn.{qk}_norm.weight",
+        "layers.{layer}.global_attn.{qk}_norm.weight",
+        SAME,
+    ),
 )
 
 
@@ -120,11 +123,8 @@ def param_to_hf_key(path: str) -> tuple[str, Layout]:
     raise KeyError(f"parameter {path} has no HF name in the key table")
 
 
-def _dotted(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
-
-
-def read_hf_config(path: str | Path) -> tuple[Path, ModelConfig]:
+def read_hf_config(path: str | Path) -> tuple[Path, ModelConfig, L2AConfig | None]:
+    """The checkpoint directory, its model config, and its L2A config if it is an L2A model."""
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(
@@ -138,7 +138,12 @@ def read_hf_config(path: str | Path) -> tuple[Path, ModelConfig]:
         hf_config = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{config_file} is not valid JSON: {e}") from e
-    return directory, ModelConfig.from_hf_dict(hf_config)
+    l2a = None
+    if "l2a" in hf_config:
+        l2a_dict = dict(hf_config.pop("l2a"))
+        hf_config["architectures"] = [l2a_dict.pop("base_architecture", None)]
+        l2a = L2AConfig.from_dict(l2a_dict)
+    return directory, ModelConfig.from_hf_dict(hf_config), l2a
 
 
 def from_hf(
@@ -147,129 +152,49 @@ def from_hf(
     *,
     mesh: Mesh | None = None,
     rules: ShardingRules | None = None,
-    attention_impl: str = "xla",
+    attention_impl: str = "auto",
 ) -> QwenModel:
-    """Loads a local HF Qwen2/Qwen2.5/Qwen3 checkpoint directory into a ``QwenModel``.
+    """Loads a local HF Qwen2/Qwen2.5/Qwen3 checkpoint directory (or one written by ``to_hf``
+    from an L2A model) into a ``QwenModel``.
 
     Tensors are read one at a time, converted on the host, cast to ``dtype`` and placed on
     ``mesh`` (sharded by ``rules``) or on the default device.
     """
-    directory, cfg = read_hf_config(path)
-    rules = rules or ShardingRules()
-    abstract = nnx.eval_shape(
-        lambda: QwenModel(cfg, dtype=dtype, attention_impl=attention_impl, rngs=nnx.Rngs(0))
-    )
-    graphdef, abstract_state = nnx.split(abstract)
-    targets = {_dotted(p): v for p, v in nnx.to_flat_state(abstract_state)}
+    directory, cfg, l2a = read_hf_config(path)
 
-    loaded: dict[str, jax.Array] = {}
-    source: dict[str, str] = {}
-    problems: list[str] = []
-    unreadable = False
-    for file in iter_checkpoint_files(directory):
-        try:
-            reader = SafetensorsFile(file)
-        except SafetensorsError as e:
-            problems.append(str(e))
-            unreadable = True
-            continue
-        for key in reader.keys():
-            mapped = hf_key_to_param(key)
-            if mapped is None:
-                problems.append(f"unmapped tensor {key} in {file.name}")
-                continue
-            ours, layout = mapped
-            if ours == "lm_head" and cfg.tie_word_embeddings:
-                continue  # a tied head may be saved redundantly; the embedding is the weight
-            if ours not in targets:
-                problems.append(
-                    f"unexpected tensor {key} in {file.name}: the config "
-                    f"({cfg.architecture}) has no such parameter"
-                )
-                continue
-            if ours in source:
-                problems.append(f"duplicate tensor {key} in {file.name} and {source[ours]}")
-                continue
-            source[ours] = file.name
-            var = targets[ours]
-            want = layout.hf_shape(tuple(var.shape))
-            if reader.shape(key) != want:
-                problems.append(f"tensor {key} has shape {reader.shape(key)}, expected {want}")
-                continue
-            if problems:
-                continue  # keep scanning for problems, skip the expensive conversion
-            host = layout.to_ours(reader.get(key), tuple(var.shape)).astype(var.dtype)
-            if mesh is not None:
-                sharding = rules.sharding(var.get_metadata()["axes"], mesh, host.shape)
-                loaded[ours] = jax.device_put(host, sharding)
-            else:
-                loaded[ours] = jnp.asarray(host)
-    if unreadable:
-        problems.append("tensors of unreadable files are not checked; re-copy those files")
-    else:
-        missing = sorted(set(targets) - set(source))
-        problems += [f"missing tensor {param_to_hf_key(p)[0]}" for p in missing]
-    if problems:
-        raise CheckpointError(
-            f"checkpoint {directory} does not match its config.json "
-            f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
-        )
-    flat = [(p, v.replace(loaded[_dotted(p)])) for p, v in nnx.to_flat_state(abstract_state)]
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    def mapper(key: str):
+        mapped = hf_key_to_param(key)
+        if mapped is not None and mapped[0] == "lm_head" and cfg.tie_word_embeddings:
+            return SKIP  # a tied head may be saved redundantly; the embedding is the weight
+        return mapped
+
+    return load_weights(
+        lambda: QwenModel(
+            cfg, dtype=dtype, attention_impl=attention_impl, l2a=l2a, rngs=nnx.Rngs(0)
+        ),
+        iter_checkpoint_files(directory),
+        mapper,
+        lambda ours: param_to_hf_key(ours)[0],
+        description=f"checkpoint {directory} does not match its config.json ({cfg.architecture})",
+        mesh=mesh,
+        rules=rules,
+    )
 
 
 def to_hf(
     model: QwenModel, out_dir: str | Path, *, dtype=None, max_shard_bytes: int = 4 * 1024**3
 ) -> Path:
-    """Writes ``config.json`` and safetensors (sharded above ``max_shard_bytes``) that
-    ``transformers.AutoModelForCausalLM.from_pretrained`` loads. ``dtype`` defaults to the
-    model's parameter dtype."""
+    """Writes ``config.json`` and safetensors (sharded above ``max_shard_bytes``) in HF layout.
+    A base model's directory loads in ``transformers.AutoModelForCausalLM.from_pretrained``;
+    an L2A model's adds its global branches and routers and an ``l2a`` config section, and
+    loads back with ``from_hf``. ``dtype`` defaults to the model's parameter dtype."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _, state = nnx.split(model)
-    entries = []
-    for path, var in nnx.to_flat_state(state):
-        key, layout = param_to_hf_key(_dotted(path))
-        entries.append((key, layout, var))
-    param_dtype = entries[0][2].dtype
-    save_dtype = np.dtype(dtype or param_dtype)
-
-    shards: list[list] = [[]]
-    size = 0
-    for entry in entries:
-        nbytes = int(np.prod(entry[2].shape)) * save_dtype.itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(entry)
-        size += nbytes
-
-    for stale in list(out.glob("model*.safetensors")) + list(
-        out.glob("model.safetensors.index.json")
-    ):
-        stale.unlink()
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = (
-            "model.safetensors"
-            if len(shards) == 1
-            else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        )
-        tensors = [
-            (key, layout.to_hf(np.asarray(jax.device_get(var[...]))).astype(save_dtype))
-            for key, layout, var in shard
-        ]
-        write_safetensors(out / name, tensors)
-        weight_map.update({key: name for key, _, _ in shard})
-    if len(shards) > 1:
-        total = sum(int(np.prod(v.shape)) * save_dtype.itemsize for _, _, v in entries)
-        (out / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-        )
-
+    entries = [(*param_to_hf_key(path), var) for path, var in model_parameters(model)]
+    save_dtype = write_weights(out, entries, dtype=dtype, max_shard_bytes=max_shard_bytes)
     hf_config = model.cfg.to_hf_dict()
-    hf_config["dtype"] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[
-        save_dtype.name
-    ]
+    if model.l2a is not None:
+        hf_config["l2a"] = {**model.l2a.to_dict(), "base_architecture": model.cfg.architecture}
+        hf_config["architectures"] = ["L2A" + model.cfg.architecture]
+    hf_config["dtype"] = save_dtype.name
     (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
     return out

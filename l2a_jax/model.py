@@ -12,15 +12,19 @@ Two ways to run a model:
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from l2a_jax.attention import causal_attention
+from l2a_jax.attention import causal_attention, global_attention, resolve_impl
 from l2a_jax.config import ModelConfig
 from l2a_jax.rope import apply_rope, rope_cos_sin
+from l2a_jax.routing import L2AConfig, LayerRouting, Routing, layer_routing
 
 _INIT_STD = 0.02
+logger = logging.getLogger(__name__)
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, *, scale: float | None = _INIT_STD, value=None):
@@ -113,47 +117,174 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_norm(x))
 
 
+class L2ADecoderLayer(nnx.Module):
+    """Sliding-window attention for every token, global attention for routed tokens."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        l2a: L2AConfig,
+        index: int,
+        plan: LayerRouting,
+        *,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.l2a = l2a
+        self.index = index
+        self.kind = plan.kind
+        self.density = plan.density
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+        self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.global_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+        self.router = nnx.Param(jnp.zeros((cfg.hidden_size,), dtype), axes=("embed",))
+        self.global_attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+
+    def decide(self, s: jax.Array, routing: Routing):
+        """Router logits z (b, t) f32, sigma, the hard route (bool) and the gate d (float)."""
+        z = jnp.einsum("btd,d->bt", s, self.router[...], preferred_element_type=jnp.float32)
+        sigma = jax.nn.sigmoid(z / self.l2a.tau)
+        if self.kind == "learned":
+            hard = sigma >= self.l2a.threshold
+            gate = hard.astype(jnp.float32)
+            if routing.train:  # straight-through: forward value d, gradient of sigma
+                gate = gate + sigma - jax.lax.stop_gradient(sigma)
+        elif self.kind == "random":
+            if routing.rng is None:
+                raise ValueError("routing mode 'random' needs an rng key in Routing(rng=...)")
+            draw = jax.random.uniform(jax.random.fold_in(routing.rng, self.index), z.shape)
+            hard = draw < self.density
+            gate = hard.astype(jnp.float32)
+        else:
+            hard = jnp.full(z.shape, self.kind == "all")
+            gate = hard.astype(jnp.float32)
+        return z, sigma, hard, gate
+
+    def __call__(self, x, cos, sin, segment_ids, *, routing: Routing, impl: str):
+        window = self.l2a.window
+        q, k, v = self.attn.project_qkv(self.input_norm(x), cos, sin)
+        local = causal_attention(q, k, v, segment_ids=segment_ids, window=window, impl=impl)
+        h = x + self.attn.project_out(local)
+        s = self.global_norm(h)
+        z, sigma, hard, gate = self.decide(s, routing)
+        if self.kind != "none":
+            q, k, v = self.global_attn.project_qkv(s, cos, sin)
+
+            def dense(q, k, v, route):
+                return causal_attention(q, k, v, segment_ids=segment_ids, impl=impl)
+
+            def sparse(q, k, v, route):
+                return global_attention(q, k, v, route, segment_ids=segment_ids, impl=impl)
+
+            if self.kind == "all" or routing.dense is True:
+                heads = dense(q, k, v, hard)
+            elif routing.dense is False:
+                heads = sparse(q, k, v, hard)
+            else:  # a traced coin: both arms in one program, one of them runs
+                heads = jax.lax.cond(routing.dense, dense, sparse, q, k, v, hard)
+            gated = (gate[..., None, None] * heads.astype(jnp.float32)).astype(heads.dtype)
+            h = h + self.global_attn.project_out(gated)
+        elif self.global_attn.cfg.o_bias:
+            h = h + self.global_attn.bo[...]  # o_proj_global(0): its bias alone
+        y = h + self.mlp(self.post_norm(h))
+        stats = {
+            "routed_fraction": jnp.mean(hard.astype(jnp.float32)),
+            "sigma_sq_sum": jnp.sum(sigma * sigma, axis=1)
+            if self.kind == "learned"
+            else jnp.zeros(z.shape[:1], jnp.float32),
+            "router_logit_mean": jnp.mean(z),
+            "router_logit_std": jnp.std(z),
+            "router_logit_min": jnp.min(z),
+            "router_logit_max": jnp.max(z),
+        }
+        return y, stats
+
+
 class QwenModel(nnx.Module):
     """Causal LM: ``model(input_ids, positions=None, segment_ids=None) -> logits (b, t, vocab)``.
 
     ``positions`` default to 0..t-1 per row. ``segment_ids`` (b, t) int keeps packed documents
-    apart: a token attends only to earlier tokens with the same id.
+    apart: a token attends only to earlier tokens with the same id. With ``l2a``, the layers it
+    names are ``L2ADecoderLayer`` and ``l2a.attention_impl`` picks the attention implementation.
     """
 
     def __init__(
-        self, cfg: ModelConfig, *, dtype=jnp.float32, attention_impl: str = "xla", rngs: nnx.Rngs
+        self,
+        cfg: ModelConfig,
+        *,
+        dtype=jnp.float32,
+        attention_impl: str = "auto",
+        l2a: L2AConfig | None = None,
+        rngs: nnx.Rngs,
     ):
         self.cfg = cfg
-        self.attention_impl = attention_impl
+        self.l2a = l2a
+        self.attention_impl = l2a.attention_impl if l2a is not None else attention_impl
+        plan = layer_routing(l2a, cfg.num_layers) if l2a is not None else {}
+        self.l2a_layers = tuple(sorted(plan))
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
         self.layers = nnx.List(
-            [DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)]
+            [
+                L2ADecoderLayer(cfg, l2a, i, plan[i], dtype=dtype, rngs=rngs)
+                if i in plan
+                else DecoderLayer(cfg, dtype=dtype, rngs=rngs)
+                for i in range(cfg.num_layers)
+            ]
         )
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(
                 rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype
             )
+        logger.info(
+            "model %s: %d layers (%d L2A%s), attention impl %s (runs as %s)",
+            cfg.architecture,
+            cfg.num_layers,
+            len(plan),
+            f", mode {l2a.mode}, window {l2a.window}" if l2a is not None else "",
+            self.attention_impl,
+            resolve_impl(self.attention_impl),
+        )
 
-    def hidden_states(self, input_ids, positions=None, segment_ids=None) -> jax.Array:
-        """Final-norm hidden states (b, t, hidden) for int token ids (b, t)."""
+    def forward_with_stats(
+        self, input_ids, positions=None, segment_ids=None, *, routing: Routing | None = None
+    ) -> tuple[jax.Array, list[dict]]:
+        """Logits (b, t, vocab) float32 and one routing-statistics dict per L2A layer."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq); got shape {input_ids.shape}")
         b, t = input_ids.shape
+        limit = self.cfg.max_position_embeddings
+        if t > limit and self.cfg.rope.rope_type != "dynamic":
+            raise ValueError(
+                f"sequence length {t} exceeds max_position_embeddings {limit}; extend the "
+                "model's context first (rope scaling and max_position_embeddings in its config)"
+            )
+        routing = routing or Routing()
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         cos, sin = rope_cos_sin(
             self.cfg.rope, self.cfg.head_dim, self.cfg.max_position_embeddings, positions
         )
         x = jnp.take(self.embed[...], input_ids, axis=0)
+        stats = []
         for layer in self.layers:
-            x = layer(x, cos, sin, segment_ids, impl=self.attention_impl)
-        return self.final_norm(x)
-
-    def __call__(self, input_ids, positions=None, segment_ids=None) -> jax.Array:
-        h = self.hidden_states(input_ids, positions, segment_ids)
+            if isinstance(layer, L2ADecoderLayer):
+                x, layer_stats = layer(
+                    x, cos, sin, segment_ids, routing=routing, impl=self.attention_impl
+                )
+                stats.append(layer_stats)
+            else:
+                x = layer(x, cos, sin, segment_ids, impl=self.attention_impl)
+        h = self.final_norm(x)
         head = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
-        return jnp.einsum("btd,dv->btv", h, head, preferred_element_type=jnp.float32)
+        return jnp.einsum("btd,dv->btv", h, head, preferred_element_type=jnp.float32), stats
+
+    def __call__(
+        self, input_ids, positions=None, segment_ids=None, *, routing: Routing | None = None
+    ) -> jax.Array:
+        return self.forward_with_stats(input_ids, positions, segment_ids, routing=routing)[0]
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
@@ -162,7 +293,28 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
 
 
 def forward(
-    graphdef: nnx.GraphDef, params: nnx.State, input_ids, positions=None, segment_ids=None
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    input_ids,
+    positions=None,
+    segment_ids=None,
+    *,
+    routing: Routing | None = None,
 ) -> jax.Array:
-    """Pure function of the parameter pytree: safe to ``jax.jit`` with explicit shardings."""
-    return nnx.merge(graphdef, params)(input_ids, positions, segment_ids)
+    """Logits as a pure function of the parameter pytree: safe to ``jax.jit`` with explicit
+    shardings."""
+    return nnx.merge(graphdef, params)(input_ids, positions, segment_ids, routing=routing)
+
+
+def forward_with_stats(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    input_ids,
+    positions=None,
+    segment_ids=None,
+    *,
+    routing: Routing | None = None,
+) -> tuple[jax.Array, list[dict]]:
+    """Like ``forward``, with the routing statistics of every L2A layer."""
+    model = nnx.merge(graphdef, params)
+    return model.forward_with_stats(input_ids, positions, segment_ids, routing=routing)

@@ -1,0 +1,425 @@
+"""The L2A layer: construction, routing modes, straight-through gradients, kernels, training,
+saving and loading."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hf_models import build_hf_model, save_hf_model
+
+from l2a_jax import (
+    ConfigError,
+    L2AConfig,
+    Routing,
+    convert_to_l2a,
+    from_hf,
+    load_model,
+    save_model,
+    to_hf,
+)
+from l2a_jax.model import L2ADecoderLayer
+from l2a_jax.rope import rope_cos_sin
+from l2a_jax.routing import sparsity_loss, sparsity_weight
+from l2a_jax.train import OptimConfig, make_trainer
+
+SEQ = 40
+
+
+@pytest.fixture(scope="module")
+def base_models(tmp_path_factory):
+    """Tiny random HF Qwen3 and Qwen2 checkpoints, loaded (head_dim 16 and 8 fit the kernels'
+    power-of-two constraint for Qwen3; Qwen2's 16)."""
+    out = {}
+    for name in ("qwen3_bias_yarn_factor", "qwen2_linear_gqa2"):
+        path = save_hf_model(build_hf_model(name), tmp_path_factory.mktemp(name))
+        out[name] = from_hf(path, attention_impl="xla")
+    return out
+
+
+@pytest.fixture
+def qwen3(base_models):
+    return base_models["qwen3_bias_yarn_factor"]
+
+
+def tokens(rng, batch=2, seq=SEQ):
+    return jnp.asarray(rng.integers(0, 101, (batch, seq)))
+
+
+def l2a_layers(model):
+    return [layer for layer in model.layers if isinstance(layer, L2ADecoderLayer)]
+
+
+def layer_inputs(model, rng, seq=SEQ):
+    cfg = model.cfg
+    x = jnp.asarray(rng.standard_normal((2, seq, cfg.hidden_size)), jnp.float32)
+    positions = jnp.broadcast_to(jnp.arange(seq), (2, seq))
+    cos, sin = rope_cos_sin(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, positions)
+    return x, cos, sin
+
+
+def test_zero_router_routes_every_token_and_branches_start_from_base(qwen3, rng):
+    model = convert_to_l2a(qwen3, L2AConfig(window=8, attention_impl="xla"))
+    assert model.l2a_layers == (0, 1)
+    for base, layer in zip(qwen3.layers, model.layers, strict=True):
+        assert not np.asarray(layer.router[...]).any()
+        np.testing.assert_array_equal(layer.global_attn.wq[...], base.attn.wq[...])
+        np.testing.assert_array_equal(layer.attn.wo[...], base.attn.wo[...])
+        np.testing.assert_array_equal(layer.global_attn.bo[...], base.attn.bo[...])
+        np.testing.assert_array_equal(layer.global_norm.weight[...], base.input_norm.weight[...])
+    _, stats = model.forward_with_stats(tokens(rng))
+    assert [float(s["routed_fraction"]) for s in stats] == [1.0, 1.0]
+    # sigma = 0.5 everywhere: the regulariser is 0.25 per token
+    np.testing.assert_allclose(sparsity_loss(stats), 0.25 * SEQ, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["qwen3_bias_yarn_factor", "qwen2_linear_gqa2"])
+def test_router_forced_to_skip_equals_swa_only_path(base_models, name, rng):
+    base = base_models[name]
+    # sigma = 0.5 < threshold 0.9 for every token: the learned router skips them all
+    skip_all = convert_to_l2a(base, L2AConfig(window=8, threshold=0.9, attention_impl="xla"))
+    swa = convert_to_l2a(base, L2AConfig(window=8, mode="swa", attention_impl="xla"))
+    ids = tokens(rng)
+    logits, stats = skip_all.forward_with_stats(ids)
+    assert [float(s["routed_fraction"]) for s in stats] == [0.0, 0.0]
+    np.testing.assert_array_equal(logits, swa(ids))
+    # and the SWA-only layer is exactly: window branch, (o_proj bias), MLP
+    layer = l2a_layers(swa)[0]
+    x, cos, sin = layer_inputs(swa, rng)
+    q, k, v = layer.attn.project_qkv(layer.input_norm(x), cos, sin)
+    from pallas_kernels import sliding_window_attention_reference
+
+    h = x + layer.attn.project_out(sliding_window_attention_reference(q, k, v, window=8))
+    if base.cfg.o_bias:
+        h = h + layer.global_attn.bo[...]
+    want = h + layer.mlp(layer.post_norm(h))
+    got, _ = layer(x, cos, sin, None, routing=Routing(), impl="xla")
+    np.testing.assert_array_equal(got, want)
+
+
+def test_full_window_and_all_routed_equals_hand_computed_layer(qwen3, rng):
+    """window >= T: the window branch is full causal attention; every token routed."""
+    model = convert_to_l2a(qwen3, L2AConfig(window=SEQ + 5, attention_impl="xla"))
+    layer = l2a_layers(model)[0]
+    x, cos, sin = layer_inputs(model, rng)
+
+    def rms(v, w, eps=qwen3.cfg.rms_norm_eps):
+        return w * v / jnp.sqrt(jnp.mean(v * v, axis=-1, keepdims=True) + eps)
+
+    def attention(branch, inp):  # by hand: projections, q/k norm, rope, causal softmax
+        def proj(w, b):
+            return jnp.einsum("btd,dhk->bthk", inp, w[...]) + b[...]
+
+        q = rms(proj(branch.wq, branch.bq), branch.q_norm.weight[...])
+        k = rms(proj(branch.wk, branch.bk), branch.k_norm.weight[...])
+        v = proj(branch.wv, branch.bv)
+
+        def rope(t):
+            half = t.shape[-1] // 2
+            rot = jnp.concatenate([-t[..., half:], t[..., :half]], axis=-1)
+            return t * cos[:, :, None] + rot * sin[:, :, None]
+
+        q, k = rope(q), rope(k)
+        group = q.shape[2] // k.shape[2]
+        k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+        scores = jnp.einsum("bihd,bjhd->bhij", q, k) / np.sqrt(q.shape[-1])
+        causal = np.tril(np.ones((SEQ, SEQ), bool))
+        p = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
+        heads = jnp.einsum("bhij,bjhd->bihd", p, v)
+        return jnp.einsum("bthk,hkd->btd", heads, branch.wo[...]) + branch.bo[...]
+
+    h = x + attention(layer.attn, rms(x, layer.input_norm.weight[...]))
+    h = h + attention(layer.global_attn, rms(h, layer.global_norm.weight[...]))
+    mlp = layer.mlp
+    hn = rms(h, layer.post_norm.weight[...])
+    want = h + (jax.nn.silu(hn @ mlp.w_gate[...]) * (hn @ mlp.w_up[...])) @ mlp.w_down[...]
+    got, stats = layer(x, cos, sin, None, routing=Routing(), impl="xla")
+    assert float(stats["routed_fraction"]) == 1.0
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def random_router(model, rng, scale=3.0):
+    """The model with random router weights: roughly half the tokens routed."""
+    graphdef, state = nnx.split(model)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        if path[-1] == "router":
+            var = var.replace(jnp.asarray(scale * rng.standard_normal(var.shape), var.dtype))
+        flat.append((path, var))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def layer_loss_fn(layer, x, cos, sin, weights, routing, token_mask=None):
+    """Loss of one L2A layer as a function of its router weights."""
+    graphdef, state = nnx.split(layer)
+
+    def loss(router):
+        state["router"] = state["router"].replace(router)
+        y, _ = nnx.merge(graphdef, state)(x, cos, sin, None, routing=routing, impl="xla")
+        mask = 1.0 if token_mask is None else token_mask[..., None]
+        return jnp.sum(y * weights * mask)
+
+    return loss
+
+
+def test_straight_through_gradient_matches_finite_difference_of_soft_surrogate(qwen3, rng):
+    model = random_router(convert_to_l2a(qwen3, L2AConfig(window=8, attention_impl="xla")), rng)
+    layer = l2a_layers(model)[0]
+    x, cos, sin = layer_inputs(model, rng)
+    weights = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    w0 = layer.router[...]
+    ste = jax.grad(layer_loss_fn(layer, x, cos, sin, weights, Routing(train=True)))(w0)
+
+    # the soft surrogate: the same layer with gate = d0 + sigma(w) - sigma(w0), d0 held fixed
+    from pallas_kernels import causal_attention_reference
+
+    h = x + layer.attn.project_out(_window_heads(layer, x, cos, sin))
+    s = layer.global_norm(h)
+    sigma0 = jax.nn.sigmoid(s @ w0 / layer.l2a.tau)
+    d0 = (sigma0 >= 0.5).astype(jnp.float32)
+    q, k, v = layer.global_attn.project_qkv(s, cos, sin)
+    heads = causal_attention_reference(q, k, v) * d0[..., None, None]  # sparse: 0 if skipped
+
+    assert 0.2 < float(d0.mean()) < 0.8
+    # float64, by hand: a float32 central difference carries ~1e-3 rounding error here
+    with jax.enable_x64(True):
+        f64 = {
+            name: jnp.asarray(np.asarray(a), jnp.float64)
+            for name, a in dict(
+                s=s,
+                w0=w0,
+                d0=d0,
+                sigma0=sigma0,
+                heads=heads,
+                h=h,
+                weights=weights,
+                wo=layer.global_attn.wo[...],
+                bo=layer.global_attn.bo[...],
+                norm=layer.post_norm.weight[...],
+                gate=layer.mlp.w_gate[...],
+                up=layer.mlp.w_up[...],
+                down=layer.mlp.w_down[...],
+            ).items()
+        }
+
+        def surrogate(w):
+            a = f64
+            gate = a["d0"] + jax.nn.sigmoid(a["s"] @ w / layer.l2a.tau) - a["sigma0"]
+            gated = gate[..., None, None] * a["heads"]
+            out = a["h"] + jnp.einsum("bthk,hkd->btd", gated, a["wo"]) + a["bo"]
+            eps = qwen3.cfg.rms_norm_eps
+            normed = a["norm"] * out / jnp.sqrt(jnp.mean(out * out, -1, keepdims=True) + eps)
+            mlp = (jax.nn.silu(normed @ a["gate"]) * (normed @ a["up"])) @ a["down"]
+            return jnp.sum((out + mlp) * a["weights"])
+
+        direction = jnp.asarray(rng.standard_normal(w0.shape), jnp.float64)
+        step = 1e-5
+        fd = (surrogate(f64["w0"] + step * direction) - surrogate(f64["w0"] - step * direction)) / (
+            2 * step
+        )
+        np.testing.assert_allclose(float(jnp.dot(ste, direction)), float(fd), rtol=2e-4)
+    assert float(jnp.abs(ste).max()) > 0
+
+
+def _window_heads(layer, x, cos, sin):
+    from pallas_kernels import sliding_window_attention_reference
+
+    q, k, v = layer.attn.project_qkv(layer.input_norm(x), cos, sin)
+    return sliding_window_attention_reference(q, k, v, window=layer.l2a.window)
+
+
+def test_skipped_tokens_get_router_gradient_only_on_dense_steps(qwen3, rng):
+    model = random_router(convert_to_l2a(qwen3, L2AConfig(window=8, attention_impl="xla")), rng)
+    layer = l2a_layers(model)[0]
+    x, cos, sin = layer_inputs(model, rng)
+    weights = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    _, _, hard, _ = layer.decide(
+        layer.global_norm(x + layer.attn.project_out(_window_heads(layer, x, cos, sin))), Routing()
+    )
+    skipped = (~hard).astype(jnp.float32)
+    assert 0 < float(skipped.mean()) < 1
+    w0 = layer.router[...]
+    for dense, expect_nonzero in (
+        (False, False),
+        (True, True),
+        (jnp.asarray(False), False),
+        (jnp.asarray(True), True),
+    ):
+        routing = Routing(train=True, dense=dense)
+        grad = jax.grad(layer_loss_fn(layer, x, cos, sin, weights, routing, skipped))(w0)
+        assert bool(jnp.abs(grad).max() > 0) == expect_nonzero, dense
+    # routed tokens get a gradient on sparse steps too
+    grad = jax.grad(layer_loss_fn(layer, x, cos, sin, weights, Routing(train=True), 1 - skipped))(
+        w0
+    )
+    assert float(jnp.abs(grad).max()) > 0
+
+
+def test_routing_modes_share_one_forward(qwen3, rng):
+    ids = tokens(rng, seq=64)
+    cases = {
+        L2AConfig(window=8, mode="full"): [1.0, 1.0],
+        L2AConfig(window=8, mode="swa"): [0.0, 0.0],
+        L2AConfig(window=8, mode="static", static_global_layers=(1,)): [0.0, 1.0],
+        L2AConfig(window=8, layers=(1,)): [1.0],
+    }
+    for cfg, want in cases.items():
+        model = convert_to_l2a(qwen3, dataclasses.replace(cfg, attention_impl="xla"))
+        _, stats = model.forward_with_stats(ids)
+        assert [float(s["routed_fraction"]) for s in stats] == want, cfg
+    rand = convert_to_l2a(
+        qwen3, L2AConfig(window=8, mode="random", random_densities=(0.2, 0.7), attention_impl="xla")
+    )
+    _, stats = rand.forward_with_stats(tokens(rng, 8, 64), routing=Routing(rng=jax.random.key(3)))
+    np.testing.assert_allclose([float(s["routed_fraction"]) for s in stats], [0.2, 0.7], atol=0.06)
+    with pytest.raises(ValueError, match="needs an rng key"):
+        rand(ids)
+    # full routing and the static-global layer agree with the learned layer at init (all routed)
+    learned = convert_to_l2a(qwen3, L2AConfig(window=8, attention_impl="xla"))(ids)
+    full = convert_to_l2a(qwen3, L2AConfig(window=8, mode="full", attention_impl="xla"))(ids)
+    np.testing.assert_allclose(learned, full, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(mode="static"), "needs l2a.static_global_layers"),
+        (dict(window=0), "window must be an int >= 1"),
+        (dict(mode="random"), "needs l2a.random_densities"),
+        (dict(mode="nope"), "mode 'nope' is unknown"),
+        (dict(tau=0.0), "tau must be > 0"),
+        (dict(threshold=1.0), "threshold must be in"),
+        (dict(static_global_layers=(0,)), "only used with l2a.mode 'static'"),
+        (dict(attention_impl="cuda"), "attention_impl 'cuda' is unknown"),
+    ],
+)
+def test_invalid_l2a_configs(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        L2AConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(layers=(0, 5)), r"must be distinct indices in \[0, 2\)"),
+        (dict(layers=(0,), mode="static", static_global_layers=(1,)), "are not L2A layers"),
+        (dict(mode="random", random_densities=(0.1,)), "needs one per L2A layer"),
+    ],
+)
+def test_invalid_layer_choices_for_model(qwen3, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        convert_to_l2a(qwen3, L2AConfig(**kwargs))
+
+
+def test_sparsity_weight_schedule():
+    kw = dict(weight=2.0, warmup_steps=10, total_steps=110)
+    assert float(sparsity_weight(5, **kw)) == 0.0
+    assert float(sparsity_weight(10, **kw)) == 0.0
+    np.testing.assert_allclose(sparsity_weight(60, **kw), 1.0)
+    np.testing.assert_allclose(sparsity_weight(110, **kw), 2.0)
+    np.testing.assert_allclose(
+        sparsity_weight(35, **kw, ramp="cosine"), 2.0 * (0.5 - 0.5 * np.cos(np.pi / 4))
+    )
+    with pytest.raises(ConfigError, match="ramp"):
+        sparsity_weight(1, **kw, ramp="step")
+
+
+def test_kernel_path_matches_reference_path(qwen3, rng):
+    """Pallas kernels (interpret mode on CPU, native on a GPU) against the jnp references:
+    logits, and gradients of every trainable parameter on a sparse and on a dense step."""
+    cfg = L2AConfig(window=7, attention_impl="xla")
+    ref_model = random_router(convert_to_l2a(qwen3, cfg), rng, scale=1.0)
+    graphdef, state = nnx.split(ref_model)
+    kernel_graph, _ = nnx.split(
+        convert_to_l2a(qwen3, dataclasses.replace(cfg, attention_impl="pallas"))
+    )
+    kernel_model = nnx.merge(kernel_graph, state)
+    ids = tokens(rng, seq=37)
+    segment_ids = jnp.asarray(np.repeat([[1] * 20 + [2] * 17], 2, axis=0))
+    ref_logits, ref_stats = ref_model.forward_with_stats(ids, segment_ids=segment_ids)
+    ker_logits, _ = kernel_model.forward_with_stats(ids, segment_ids=segment_ids)
+    assert 0 < float(ref_stats[0]["routed_fraction"]) < 1
+    np.testing.assert_allclose(ker_logits, ref_logits, atol=1e-4, rtol=0)
+    for dense in (False, True):
+
+        def loss(model, dense=dense):
+            logits = model(ids, segment_ids=segment_ids, routing=Routing(train=True, dense=dense))
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+        want = nnx.grad(loss)(ref_model)
+        got = nnx.grad(loss)(kernel_model)
+        for (path, w), (_, g) in zip(nnx.to_flat_state(want), nnx.to_flat_state(got), strict=True):
+            np.testing.assert_allclose(g[...], w[...], atol=1e-4, rtol=0, err_msg=str(path))
+
+
+def train(model, batch, *, sparsity, steps=14):
+    trainer = make_trainer(
+        model,
+        OptimConfig(
+            learning_rate=3e-3,
+            warmup_steps=1,
+            total_steps=40,
+            sparsity_weight=sparsity,
+            sparsity_warmup_steps=2,
+        ),
+    )
+    state = trainer.init(seed=0)
+    history = []
+    for _ in range(steps):
+        state, metrics = trainer.step(state, batch)
+        history.append({k: float(v) for k, v in metrics.items()})
+    assert trainer.step._cache_size() == 1, "dense and sparse steps must share one program"
+    return trainer.model(state), history
+
+
+@pytest.mark.parametrize("name", ["qwen3_bias_yarn_factor", "qwen2_linear_gqa2"])
+def test_tiny_l2a_model_trains_and_router_sparsifies(base_models, name, rng):
+    model = convert_to_l2a(base_models[name], L2AConfig(window=8, attention_impl="xla"))
+    batch = {"input_ids": tokens(rng, 4, 48)}
+    trained, history = train(model, batch, sparsity=0.1)
+    _, unregularised = train(model, batch, sparsity=0.0)
+    assert history[0]["routed_fraction"] == 1.0
+    assert history[-1]["cross_entropy"] < history[0]["cross_entropy"] - 0.5
+    assert history[-1]["routed_fraction"] < 0.8
+    assert history[-1]["routed_fraction"] < unregularised[-1]["routed_fraction"] - 0.1
+    assert any(h["dense_step"] for h in history + unregularised)
+    assert {"layer0/routed_fraction", "layer1/router_logit_std", "sparsity_loss"} <= set(
+        history[-1]
+    )
+    # frozen parts did not move, trainable parts did
+    np.testing.assert_array_equal(trained.layers[0].mlp.w_up[...], model.layers[0].mlp.w_up[...])
+    np.testing.assert_array_equal(trained.embed[...], model.embed[...])
+    assert np.abs(np.asarray(trained.layers[0].router[...])).max() > 0
+
+
+@pytest.mark.parametrize("fmt", ["ours", "hf"])
+def test_l2a_model_saves_and_loads(qwen3, fmt, tmp_path, rng):
+    model = random_router(
+        convert_to_l2a(qwen3, L2AConfig(layers=(1,), window=8, attention_impl="xla")),
+        rng,
+        scale=1.0,
+    )
+    if fmt == "ours":
+        loaded = load_model(save_model(model, tmp_path / "m"))
+    else:
+        loaded = from_hf(to_hf(model, tmp_path / "m"), attention_impl="xla")
+    assert loaded.l2a == model.l2a and loaded.l2a_layers == (1,)
+    ids = tokens(rng)
+    np.testing.assert_array_equal(loaded(ids), model(ids))
+    # the saved parameters keep their logical sharding names
+    router = nnx.to_flat_state(nnx.split(loaded)[1])
+    assert dict(router)[("layers", 1, "router")].get_metadata()["axes"] == ("embed",)
+
+
+def test_hf_style_l2a_directory_names_its_architecture(qwen3, tmp_path):
+    import json
+
+    model = convert_to_l2a(qwen3, L2AConfig(window=8, attention_impl="xla"))
+    out = to_hf(model, tmp_path / "m")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["L2AQwen3ForCausalLM"]
+    assert config["l2a"]["window"] == 8
+    with pytest.raises(FileNotFoundError, match="not a model saved by save_model"):
+        load_model(out)
