@@ -303,7 +303,9 @@ def forward(
 ) -> jax.Array:
     """Logits as a pure function of the parameter pytree: safe to ``jax.jit`` with explicit
     shardings."""
-    return nnx.merge(graphdef, params)(input_ids, positions, segment_ids, routing=routing)
+    return forward_with_stats(graphdef, params, input_ids, positions, segment_ids, routing=routing)[
+        0
+    ]
 
 
 def forward_with_stats(
