@@ -423,3 +423,10 @@ def test_hf_style_l2a_directory_names_its_architecture(qwen3, tmp_path):
     assert config["l2a"]["window"] == 8
     with pytest.raises(FileNotFoundError, match="not a model saved by save_model"):
         load_model(out)
+
+
+def test_attention_implementation_is_logged(qwen3, caplog):
+    with caplog.at_level("INFO", logger="l2a_jax.model"):
+        convert_to_l2a(qwen3, L2AConfig(window=8, attention_impl="pallas"))
+    assert "attention impl pallas (runs as pallas)" in caplog.text
+    assert "2 L2A, mode l2a, window 8" in caplog.text
