@@ -245,7 +245,7 @@ class QwenModel(nnx.Module):
             len(plan),
             f", mode {l2a.mode}, window {l2a.window}" if l2a is not None else "",
             self.attention_impl,
-            resolve_impl(self.attention_impl),
+            resolve_impl(self.attention_impl, cfg.head_dim),
         )
 
     def forward_with_stats(

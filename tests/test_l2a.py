@@ -430,3 +430,14 @@ def test_attention_implementation_is_logged(qwen3, caplog):
         convert_to_l2a(qwen3, L2AConfig(window=8, attention_impl="pallas"))
     assert "attention impl pallas (runs as pallas)" in caplog.text
     assert "2 L2A, mode l2a, window 8" in caplog.text
+
+
+def test_auto_attention_falls_back_to_reference_where_kernels_cannot_run():
+    from l2a_jax.attention import resolve_impl
+
+    on_gpu = jax.default_backend() == "gpu"
+    assert resolve_impl("auto", 128) == ("pallas" if on_gpu else "xla")
+    assert resolve_impl("auto", 24) == "xla"  # head dims the kernels do not support
+    assert resolve_impl("pallas", 24) == "pallas"  # explicit: the kernel raises its own error
+    with pytest.raises(ValueError, match="attention impl 'cuda' is unknown"):
+        resolve_impl("cuda", 128)
