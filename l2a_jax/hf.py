@@ -152,13 +152,14 @@ def from_hf(
     *,
     mesh: Mesh | None = None,
     rules: ShardingRules | None = None,
-    attention_impl: str = "auto",
+    attention_impl: str | None = None,
 ) -> QwenModel:
     """Loads a local HF Qwen2/Qwen2.5/Qwen3 checkpoint directory (or one written by ``to_hf``
     from an L2A model) into a ``QwenModel``.
 
     Tensors are read one at a time, converted on the host, cast to ``dtype`` and placed on
-    ``mesh`` (sharded by ``rules``) or on the default device.
+    ``mesh`` (sharded by ``rules``) or on the default device. ``attention_impl`` defaults to
+    the saved L2A one, or ``auto`` for a base model.
     """
     directory, cfg, l2a = read_hf_config(path)
 

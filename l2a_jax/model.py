@@ -12,6 +12,7 @@ Two ways to run a model:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import jax
@@ -207,7 +208,8 @@ class QwenModel(nnx.Module):
 
     ``positions`` default to 0..t-1 per row. ``segment_ids`` (b, t) int keeps packed documents
     apart: a token attends only to earlier tokens with the same id. With ``l2a``, the layers it
-    names are ``L2ADecoderLayer`` and ``l2a.attention_impl`` picks the attention implementation.
+    names are ``L2ADecoderLayer``. ``attention_impl`` (``auto``, ``xla``, ``pallas``) defaults to
+    ``l2a.attention_impl`` or ``auto``; given, it also replaces ``l2a.attention_impl``.
     """
 
     def __init__(
@@ -215,13 +217,15 @@ class QwenModel(nnx.Module):
         cfg: ModelConfig,
         *,
         dtype=jnp.float32,
-        attention_impl: str = "auto",
+        attention_impl: str | None = None,
         l2a: L2AConfig | None = None,
         rngs: nnx.Rngs,
     ):
+        if l2a is not None and attention_impl is not None:
+            l2a = dataclasses.replace(l2a, attention_impl=attention_impl)
         self.cfg = cfg
         self.l2a = l2a
-        self.attention_impl = l2a.attention_impl if l2a is not None else attention_impl
+        self.attention_impl = l2a.attention_impl if l2a is not None else attention_impl or "auto"
         plan = layer_routing(l2a, cfg.num_layers) if l2a is not None else {}
         self.l2a_layers = tuple(sorted(plan))
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)

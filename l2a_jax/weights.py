@@ -204,8 +204,8 @@ def load_model(
     rules: ShardingRules | None = None,
     attention_impl: str | None = None,
 ) -> QwenModel:
-    """Loads a directory written by ``save_model``. ``attention_impl`` overrides the saved one
-    (an L2A model's comes from its L2A config)."""
+    """Loads a directory written by ``save_model``. ``attention_impl`` overrides the saved
+    L2A one (default: the saved one, or ``auto`` for a base model)."""
     directory = Path(path)
     config_file = directory / OUR_CONFIG
     if not config_file.exists():
@@ -219,11 +219,9 @@ def load_model(
         l2a = L2AConfig.from_dict(config["l2a"]) if config.get("l2a") else None
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ConfigError(f"{config_file} is corrupt: {e!r}") from e
-    if l2a is not None and attention_impl is not None:
-        l2a = dataclasses.replace(l2a, attention_impl=attention_impl)
     return load_weights(
         lambda: QwenModel(
-            cfg, dtype=dtype, attention_impl=attention_impl or "auto", l2a=l2a, rngs=nnx.Rngs(0)
+            cfg, dtype=dtype, attention_impl=attention_impl, l2a=l2a, rngs=nnx.Rngs(0)
         ),
         iter_checkpoint_files(directory),
         lambda key: (key, SAME),

@@ -406,6 +406,11 @@ def test_l2a_model_saves_and_loads(qwen3, fmt, tmp_path, rng):
     else:
         loaded = from_hf(to_hf(model, tmp_path / "m"), attention_impl="xla")
     assert loaded.l2a == model.l2a and loaded.l2a_layers == (1,)
+    if fmt == "ours":
+        again = load_model(tmp_path / "m", attention_impl="pallas")
+    else:
+        again = from_hf(tmp_path / "m", attention_impl="pallas")
+    assert again.attention_impl == again.l2a.attention_impl == "pallas"
     ids = tokens(rng)
     np.testing.assert_array_equal(loaded(ids), model(ids))
     # the saved parameters keep their logical sharding names
