@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from l2a_jax.model import L2ADecoderLayer, QwenModel
+from l2a_jax.model import QwenModel
 from l2a_jax.routing import L2AConfig
 
 # parameters of an L2A layer that are initialised from another parameter of the base layer
@@ -37,8 +37,7 @@ def convert_to_l2a(model: QwenModel, l2a: L2AConfig) -> QwenModel:
     base = dict(nnx.to_flat_state(base_state))
     flat = []
     for path, var in nnx.to_flat_state(abstract_state):
-        layer = abstract.layers[path[1]] if path[0] == "layers" else None
-        if isinstance(layer, L2ADecoderLayer) and path[2] == "router":
+        if path[2:] == ("router",):  # ("layers", i, "router"): only L2A layers have one
             value = jnp.zeros(var.shape, var.dtype)
         else:
             value = base[_base_path(path)][...]

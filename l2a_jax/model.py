@@ -149,18 +149,16 @@ class L2ADecoderLayer(nnx.Module):
         sigma = jax.nn.sigmoid(z / self.l2a.tau)
         if self.kind == "learned":
             hard = sigma >= self.l2a.threshold
-            gate = hard.astype(jnp.float32)
-            if routing.train:  # straight-through: forward value d, gradient of sigma
-                gate = gate + sigma - jax.lax.stop_gradient(sigma)
         elif self.kind == "random":
             if routing.rng is None:
                 raise ValueError("routing mode 'random' needs an rng key in Routing(rng=...)")
             draw = jax.random.uniform(jax.random.fold_in(routing.rng, self.index), z.shape)
             hard = draw < self.density
-            gate = hard.astype(jnp.float32)
         else:
             hard = jnp.full(z.shape, self.kind == "all")
-            gate = hard.astype(jnp.float32)
+        gate = hard.astype(jnp.float32)
+        if self.kind == "learned" and routing.train:
+            gate = gate + sigma - jax.lax.stop_gradient(sigma)  # straight-through estimator
         return z, sigma, hard, gate
 
     def __call__(self, x, cos, sin, segment_ids, *, routing: Routing, impl: str):

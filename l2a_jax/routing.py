@@ -88,7 +88,7 @@ class L2AConfig:
             if not self.random_densities:
                 raise ConfigError(
                     "l2a.mode 'random' needs l2a.random_densities: one routed fraction per L2A "
-                    "layer (e.g. from l2a_telemetry of a learned run)"
+                    "layer (e.g. the layer{i}/routed_fraction metrics of a learned run)"
                 )
             if any(not 0 <= p <= 1 for p in self.random_densities):
                 raise ConfigError(

@@ -48,10 +48,11 @@ def _setup(q, k, v, segment_ids, route, sm_scale, interpret, blocks, window):
     return spec, padded
 
 
-def _pad(x, length, value=0):
+def _pad(x, length):
+    """Zero-pads axis 1 (the sequence) to ``length``."""
     widths = [(0, 0)] * x.ndim
     widths[1] = (0, length - x.shape[1])
-    return jnp.pad(x, widths, constant_values=value)
+    return jnp.pad(x, widths)
 
 
 def _segments(segment_ids, batch, padded):
@@ -131,13 +132,13 @@ def conditional_global_attention(
     (stable order, original positions kept) so the work is proportional to the routed count.
     """
     spec, padded = _setup(q, k, v, segment_ids, route, sm_scale, interpret, blocks, None)
-    b, t = q.shape[:2]
+    b = q.shape[0]
     route = route.astype(bool)
     order, qpos, slot = compact_routed(route, padded)
     seg = _segments(segment_ids, b, padded)
     rows = order[:, :, None, None]
     is_row = (qpos >= 0)[:, :, None, None]
-    q_compact = jnp.where(is_row, jnp.take_along_axis(q, jnp.minimum(rows, t - 1), axis=1), 0)
+    q_compact = jnp.where(is_row, jnp.take_along_axis(q, rows, axis=1), 0)
     qseg = jnp.take_along_axis(seg, order, axis=1)
     qtiles = _qtiles(qpos, spec)
     out = flash_attention(
