@@ -91,21 +91,46 @@ def sliding_window_attention(
 def compact_routed(route: jax.Array, padded: int):
     """Routed tokens first, in their original order.
 
-    Returns ``order`` (B, padded): the original index of each compacted row (0 for padding),
-    ``qpos`` (B, padded): the same with -1 for padding rows, and ``slot`` (B, T): each
-    token's compacted row.
+    Returns ``qpos`` (B, padded): the original position of each compacted row, -1 for padding
+    rows, and ``slot`` (B, T): each routed token's compacted row, -1 for skipped tokens. The
+    two are inverse maps between routed tokens and the first rows of the compacted order.
     """
     b, t = route.shape
-    slot = jnp.cumsum(route, axis=1, dtype=jnp.int32) - 1
-    count = slot[:, -1] + 1
+    slot = jnp.where(route, jnp.cumsum(route, axis=1, dtype=jnp.int32) - 1, -1)
     rows = jnp.where(route, slot, padded)  # skipped tokens aim past the end and are dropped
-    order = (
-        jnp.zeros((b, padded), jnp.int32)
+    qpos = (
+        jnp.full((b, padded), -1, jnp.int32)
         .at[jnp.arange(b)[:, None], rows]
         .set(jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)), mode="drop")
     )
-    qpos = jnp.where(jnp.arange(padded)[None, :] < count[:, None], order, -1)
-    return order, qpos, slot
+    return qpos, slot
+
+
+def _take_rows(x, src):
+    """``y[b, r] = x[b, src[b, r]]``, zero where ``src`` is -1."""
+    got = jnp.take_along_axis(x, jnp.maximum(src, 0)[:, :, None, None], axis=1)
+    return jnp.where((src >= 0)[:, :, None, None], got, jnp.zeros((), x.dtype))
+
+
+@jax.custom_vjp
+def move_rows(x, src, dst):
+    """Moves rows of x (B, N, H, D) along a partial one-to-one map: ``y[b, r] = x[b, src[b,
+    r]]`` (zero where ``src`` is -1); ``dst`` is the inverse map (``dst[b, src[b, r]] = r``,
+    -1 for rows that go nowhere). The gradient is again a gather (by ``dst``), not the
+    scatter-add JAX would derive for a general gather."""
+    return _take_rows(x, src)
+
+
+def _move_rows_fwd(x, src, dst):
+    return _take_rows(x, src), (src, dst)
+
+
+def _move_rows_bwd(maps, dy):
+    src, dst = maps
+    return _take_rows(dy, dst), None, None
+
+
+move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
 
 
 def _qtiles(qpos, spec: FlashSpec):
@@ -134,15 +159,12 @@ def conditional_global_attention(
     spec, padded = _setup(q, k, v, segment_ids, route, sm_scale, interpret, blocks, None)
     b = q.shape[0]
     route = route.astype(bool)
-    order, qpos, slot = compact_routed(route, padded)
+    qpos, slot = compact_routed(route, padded)
     seg = _segments(segment_ids, b, padded)
-    rows = order[:, :, None, None]
-    is_row = (qpos >= 0)[:, :, None, None]
-    q_compact = jnp.where(is_row, jnp.take_along_axis(q, rows, axis=1), 0)
-    qseg = jnp.take_along_axis(seg, order, axis=1)
+    q_compact = move_rows(q, qpos, slot)
+    qseg = jnp.take_along_axis(seg, jnp.maximum(qpos, 0), axis=1)
     qtiles = _qtiles(qpos, spec)
     out = flash_attention(
         q_compact, _pad(k, padded), _pad(v, padded), qpos, qseg, seg, qtiles, spec
     )
-    gathered = jnp.take_along_axis(out, jnp.maximum(slot, 0)[:, :, None, None], axis=1)
-    return jnp.where(route[:, :, None, None], gathered, jnp.zeros((), out.dtype))
+    return move_rows(out, slot, qpos)

@@ -50,23 +50,41 @@ def _params(cfg: BlockConfig) -> plgpu.CompilerParams:
     return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _dot(a, b, *, trans_a=False, trans_b=False):
+def _dot(a, b, *, trans_b=False):
     # float32 operands keep full precision; bf16 runs on the tensor cores with f32 accumulation
     exact = a.dtype == jnp.float32 and b.dtype == jnp.float32
-    return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, allow_tf32=False if exact else None)
+    return plgpu.dot(a, b, trans_b=trans_b, allow_tf32=False if exact else None)
 
 
 def _visible(qpos, kpos, qseg, kseg, *, window, causal_edge: bool, has_segments: bool):
-    """(rows, cols) mask of keys visible to queries, or None when every key is visible."""
+    """Mask of keys visible to queries, or None when every key is visible. The four position
+    and segment arrays are 2-D and broadcast against each other, so the same code builds a
+    (queries, keys) mask and a transposed (keys, queries) one."""
     mask = None
     if causal_edge:
-        mask = kpos[None, :] <= qpos[:, None]
+        mask = kpos <= qpos
         if window is not None:
-            mask &= kpos[None, :] > qpos[:, None] - window
+            mask &= kpos > qpos - window
     if has_segments:
-        same = qseg[:, None] == kseg[None, :]
+        same = qseg == kseg
         mask = same if mask is None else mask & same
     return mask
+
+
+def _exp2(x, spec: FlashSpec):
+    """2**x in float32. On the GPU one ``ex2.approx.ftz`` instruction (the libdevice call also
+    handles subnormal results, which a softmax flushes to zero anyway); the interpreter uses
+    jnp.exp2."""
+    if spec.interpret:
+        return jnp.exp2(x)
+    [y] = plgpu.elementwise_inline_asm(
+        "ex2.approx.ftz.f32 $0, $1;",
+        args=[x],
+        constraints="=f,f",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
+    )
+    return y
 
 
 def _key_tile_ranges(qpos, *, window, block_k):
@@ -93,7 +111,7 @@ def _forward_kernel(
     cfg = spec.blocks.forward
     bk = cfg.block_k
     qpos = qpos_ref[...]
-    qseg = qseg_ref[...] if spec.has_segments else None
+    qseg = qseg_ref[...][:, None] if spec.has_segments else None
     q = q_ref[...]
     score_scale = spec.sm_scale * LOG2E
 
@@ -102,11 +120,11 @@ def _forward_kernel(
         k0 = pl.multiple_of(kb * bk, bk)
         k = k_ref[pl.ds(k0, bk), :]
         v = v_ref[pl.ds(k0, bk), :]
-        s = _dot(q, k, trans_b=True) * score_scale
-        kseg = kseg_ref[pl.ds(k0, bk)] if spec.has_segments else None
+        s = _dot(q, k, trans_b=True)  # unscaled: the scale is folded into exp2's argument
+        kseg = kseg_ref[pl.ds(k0, bk)][None, :] if spec.has_segments else None
         mask = _visible(
-            qpos,
-            k0 + jnp.arange(bk, dtype=jnp.int32),
+            qpos[:, None],
+            (k0 + jnp.arange(bk, dtype=jnp.int32))[None, :],
             qseg,
             kseg,
             window=spec.window,
@@ -115,9 +133,9 @@ def _forward_kernel(
         )
         if mask is not None:
             s = jnp.where(mask, s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
+        m_new = jnp.maximum(m, jnp.max(s, axis=1) * score_scale)  # the scale is positive
+        alpha = _exp2(m - m_new, spec)
+        p = _exp2(s * score_scale - m_new[:, None], spec)
         denom = denom * alpha + jnp.sum(p, axis=1)
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
         return acc, m_new, denom
@@ -154,7 +172,7 @@ def _dq_kernel(
     cfg = spec.blocks.dq
     bk = cfg.block_k
     qpos = qpos_ref[...]
-    qseg = qseg_ref[...] if spec.has_segments else None
+    qseg = qseg_ref[...][:, None] if spec.has_segments else None
     q = q_ref[...]
     do = do_ref[...]
     lse = lse_ref[...]
@@ -165,12 +183,12 @@ def _dq_kernel(
         k0 = pl.multiple_of(kb * bk, bk)
         k = k_ref[pl.ds(k0, bk), :]
         v = v_ref[pl.ds(k0, bk), :]
-        s = _dot(q, k, trans_b=True) * score_scale
-        p = jnp.exp2(s - lse[:, None])
-        kseg = kseg_ref[pl.ds(k0, bk)] if spec.has_segments else None
+        s = _dot(q, k, trans_b=True)
+        p = _exp2(s * score_scale - lse[:, None], spec)
+        kseg = kseg_ref[pl.ds(k0, bk)][None, :] if spec.has_segments else None
         mask = _visible(
-            qpos,
-            k0 + jnp.arange(bk, dtype=jnp.int32),
+            qpos[:, None],
+            (k0 + jnp.arange(bk, dtype=jnp.int32))[None, :],
             qseg,
             kseg,
             window=spec.window,
@@ -214,11 +232,13 @@ def _dkdv_kernel(
     v = v_ref[...]
     d = k.shape[-1]
     k0 = pl.program_id(1) * bk
-    kpos = k0 + jnp.arange(bk, dtype=jnp.int32)
-    kseg = kseg_ref[...] if spec.has_segments else None
+    kpos = (k0 + jnp.arange(bk, dtype=jnp.int32))[:, None]
+    kseg = kseg_ref[...][:, None] if spec.has_segments else None
     score_scale = spec.sm_scale * LOG2E
     start, full_start, full_end, end = (qtiles_ref[i] for i in range(4))
 
+    # Tiles are (keys, queries): P^T and dS^T come out of the score matmul already in the
+    # layout the dV and dK matmuls take, with no transpose in registers.
     def tile(qb, carry, *, head, causal_edge):
         dk, dv = carry
         q0 = pl.multiple_of(qb * bq, bq)
@@ -227,9 +247,10 @@ def _dkdv_kernel(
         do = do_ref[pl.ds(q0, bq), cols]
         lse = lse_ref[head, pl.ds(q0, bq)]
         delta = delta_ref[head, pl.ds(q0, bq)]
-        qpos = qpos_ref[pl.ds(q0, bq)]
-        qseg = qseg_ref[pl.ds(q0, bq)] if spec.has_segments else None
-        s = _dot(q, k, trans_b=True) * score_scale
+        qpos = qpos_ref[pl.ds(q0, bq)][None, :]
+        qseg = qseg_ref[pl.ds(q0, bq)][None, :] if spec.has_segments else None
+        s_t = _dot(k, q, trans_b=True)
+        p_t = _exp2(s_t * score_scale - lse[None, :], spec)
         mask = _visible(
             qpos,
             kpos,
@@ -239,13 +260,12 @@ def _dkdv_kernel(
             causal_edge=causal_edge,
             has_segments=spec.has_segments,
         )
-        p = jnp.exp2(s - lse[:, None])
         if mask is not None:
-            p = jnp.where(mask, p, 0.0)
-        dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
-        dp = _dot(do, v, trans_b=True)
-        ds = p * (dp - delta[:, None])
-        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+            p_t = jnp.where(mask, p_t, 0.0)
+        dv = dv + _dot(p_t.astype(do.dtype), do)
+        dp_t = _dot(v, do, trans_b=True)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = dk + _dot(ds_t.astype(q.dtype), q)
         return dk, dv
 
     def head_loop(head, carry):
