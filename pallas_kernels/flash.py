@@ -282,10 +282,11 @@ def _dkdv_kernel(
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def query_tiles_per_key_tile(qpos, *, window, block_q, block_k):
-    """For each key tile, which query tiles (of ``block_q`` rows) can see it, as
-    (B, Tk / block_k, 4) int32 [start, full_start, full_end, end]: tiles in [start, end) see part
-    of it, and those in [full_start, full_end) see all of it without a mask.
+def query_tiles_per_key_tile(qpos, *, num_keys, window, block_q, block_k):
+    """For each key tile of a sequence of ``num_keys`` keys, which query tiles (of ``block_q``
+    rows) can see it, as (B, num_keys / block_k, 4) int32 [start, full_start, full_end, end]:
+    tiles in [start, end) see part of it, and those in [full_start, full_end) see all of it
+    without a mask.
 
     Needs positions ascending along the rows (padding rows, -1, last): true both for natural
     order and for compacted routed tokens, so tile minima and maxima are sorted and a binary
@@ -296,7 +297,7 @@ def query_tiles_per_key_tile(qpos, *, window, block_q, block_k):
     empty = tiles.max(axis=-1) < 0
     tile_max = jnp.where(empty, _FAR, tiles.max(axis=-1))
     tile_min = jnp.where(tiles >= 0, tiles, _FAR).min(axis=-1)
-    first_key = jnp.arange(t // block_k, dtype=jnp.int32) * block_k
+    first_key = jnp.arange(num_keys // block_k, dtype=jnp.int32) * block_k
     last_key = first_key + block_k - 1
     search = jax.vmap(
         lambda sorted_, x: jnp.searchsorted(sorted_, x, side="left"), in_axes=(0, None)

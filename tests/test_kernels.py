@@ -208,6 +208,35 @@ def test_long_sequence_grads_with_gqa7(mode, rng):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("counts", [(32, 3), (33, 0), (128, 5), (129, 64)])
+def test_routed_counts_at_buffer_boundaries(mode, counts, rng):
+    """The compacted buffer is sized from the routed count (the largest over the batch): counts
+    equal to a buffer size and one past it, with small-tile buffers of 32, 64, 128 and 256."""
+    interpret = run_mode(mode)
+    t = 256
+    q, k, v, _ = make_inputs(rng, 2, t, 2, 1, 64, jnp.float32, False)
+    route = np.zeros((2, t), bool)
+    for row, count in enumerate(counts):
+        route[row, rng.choice(t, count, replace=False)] = True
+    route = jnp.asarray(route)
+    blocks = AttentionBlocks(*[BlockConfig(32, 32, 4, 1)] * 3)
+    check_grads(
+        lambda q, k, v: conditional_global_attention(
+            q, k, v, route, interpret=interpret, blocks=blocks
+        ),
+        lambda q, k, v: conditional_global_attention_reference(q, k, v, route),
+        q,
+        k,
+        v,
+        jnp.float32,
+        rng,
+    )
+    out = conditional_global_attention(q, k, v, route, interpret=interpret, blocks=blocks)
+    want = numpy_attention(q, k, v, route=np.asarray(route))
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_under_jit_with_other_tiles(mode, rng):
     """Tile sizes are configuration; rectangular tiles change every loop bound."""
     interpret = run_mode(mode)
