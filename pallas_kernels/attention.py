@@ -44,7 +44,9 @@ def _setup(q, k, v, segment_ids, route, sm_scale, interpret, blocks, window):
         )
     interpret = _resolve_interpret(interpret)
     seq_len = q.shape[1]
-    blocks = blocks or default_blocks(seq_len, q.shape[-1], interpret=interpret)
+    blocks = blocks or default_blocks(
+        seq_len, q.shape[-1], interpret=interpret, windowed=window is not None
+    )
     spec = FlashSpec(
         window=window,
         sm_scale=q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale),

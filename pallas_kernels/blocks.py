@@ -39,9 +39,12 @@ class AttentionBlocks:
         )
 
 
-def default_blocks(seq_len: int, head_dim: int, *, interpret: bool) -> AttentionBlocks:
+def default_blocks(
+    seq_len: int, head_dim: int, *, interpret: bool, windowed: bool = False
+) -> AttentionBlocks:
     """Heuristics: Hopper-sized tiles on the GPU; small tiles in interpret mode so short test
-    sequences still span several tiles and exercise every loop boundary."""
+    sequences still span several tiles and exercise every loop boundary. ``windowed``: the
+    sliding-window op (short key loops) rather than the global one (long key loops)."""
     if interpret or seq_len <= 256:
         small = BlockConfig(block_q=32, block_k=32, num_warps=4, num_stages=1)
         return AttentionBlocks(small, small, small)
@@ -51,10 +54,17 @@ def default_blocks(seq_len: int, head_dim: int, *, interpret: bool) -> Attention
             dq=BlockConfig(64, 64, num_warps=4, num_stages=2),
             dkdv=BlockConfig(64, 64, num_warps=4, num_stages=2),
         )
-    # head_dim 128: tiles chosen by `bench/attention.py --tune` on an H200 (T=32K, 28/4 heads);
-    # the 64x64 forward also beat 128x128 on the window kernel alone at T=8K (1.07 vs 1.10 ms)
+    # head_dim 128, measured with `bench/attention.py` on an H200 (28/4 heads): the window
+    # forward is fastest with 64x64 tiles (T=8K: 1.07 vs 1.10 ms for 128x128; T=32K: 4.33 vs
+    # 4.49 ms); the global forward, whose key loops run to the end of the sequence, with
+    # 128x128 tiles, which load each key tile for twice the queries.
+    forward = (
+        BlockConfig(64, 64, num_warps=4, num_stages=3)
+        if windowed
+        else BlockConfig(128, 128, num_warps=8, num_stages=3)
+    )
     return AttentionBlocks(
-        forward=BlockConfig(64, 64, num_warps=4, num_stages=3),
+        forward=forward,
         dq=BlockConfig(64, 64, num_warps=4, num_stages=2),
         dkdv=BlockConfig(64, 64, num_warps=4, num_stages=2),
     )
