@@ -133,29 +133,22 @@ def _qtiles(qpos, num_keys: int, spec: FlashSpec):
     )
 
 
-# The compacted query buffer is the smallest of these fractions of the padded sequence that
-# holds every routed token: a launch grid is static, and query tiles holding only padding
-# still cost a program each (measured: 0.44 ms of a 4.1 ms forward at T=32K, 20% routed, on
-# an H200 with the buffer at full length).
-CAPACITY_FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1)
+# Routed queries are compacted into a buffer as long as the (padded) sequence: the launch grid
+# is static. Query tiles holding only padding return at once, and nothing reads what they leave
+# in the kernels' outputs: every compacted input is gathered from token order, and every
+# compacted output is read back only at routed tokens' rows.
 
 
-def _capacities(padded: int, multiple: int) -> tuple[int, ...]:
-    sizes = {min(padded, -(-int(padded * f) // multiple) * multiple) for f in CAPACITY_FRACTIONS}
-    return tuple(sorted(sizes))
-
-
-def _global_forward(q, k, v, route, seg, spec: FlashSpec, rows: int):
-    """Output (B, T, Hq, D) and log2-sum-exp (B, Hq, T) (+inf for skipped tokens) with a
-    compacted buffer of ``rows`` rows."""
-    qpos, slot = compact_routed(route, rows)
+def _global_forward(q, k, v, route, seg, spec: FlashSpec):
+    """Output (B, T, Hq, D) and log2-sum-exp (B, Hq, T) (+inf for skipped tokens)."""
+    qpos, slot = compact_routed(route, k.shape[1])
     qseg = jnp.take_along_axis(seg, jnp.maximum(qpos, 0), axis=1)
     o, lse = flash_forward(_take_rows(q, qpos), k, v, qpos, qseg, seg, spec)
     return _take_rows(o, slot), _take_rows(lse, slot, axis=2, fill=jnp.inf)
 
 
-def _global_backward(q, k, v, route, seg, o, lse, do, spec: FlashSpec, rows: int):
-    qpos, slot = compact_routed(route, rows)
+def _global_backward(q, k, v, route, seg, o, lse, do, spec: FlashSpec):
+    qpos, slot = compact_routed(route, k.shape[1])
     qseg = jnp.take_along_axis(seg, jnp.maximum(qpos, 0), axis=1)
     dq, dk, dv = flash_backward(
         _take_rows(q, qpos),
@@ -173,34 +166,19 @@ def _global_backward(q, k, v, route, seg, o, lse, do, spec: FlashSpec, rows: int
     return _take_rows(dq, slot), dk, dv
 
 
-def _by_capacity(route, spec: FlashSpec, padded: int, fn, *args):
-    """Runs ``fn(*args, spec, rows)`` with the smallest capacity that fits the routed count."""
-    sizes = _capacities(padded, spec.blocks.seq_multiple)
-    count = jnp.max(jnp.sum(route, axis=1, dtype=jnp.int32))
-    index = jnp.sum(jnp.asarray(sizes, jnp.int32) < count)  # sizes[-1] == padded >= count
-    branches = [functools.partial(_with_rows, fn, spec, rows) for rows in sizes]
-    return jax.lax.switch(index, branches, *args)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _global_attention(q, k, v, route, seg, spec):
+    return _global_forward(q, k, v, route, seg, spec)[0]
 
 
-def _with_rows(fn, spec, rows, *args):
-    return fn(*args, spec, rows)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _global_attention(q, k, v, route, seg, spec, padded):
-    return _by_capacity(route, spec, padded, _global_forward, q, k, v, route, seg)[0]
-
-
-def _global_attention_fwd(q, k, v, route, seg, spec, padded):
-    o, lse = _by_capacity(route, spec, padded, _global_forward, q, k, v, route, seg)
+def _global_attention_fwd(q, k, v, route, seg, spec):
+    o, lse = _global_forward(q, k, v, route, seg, spec)
     return o, (q, k, v, route, seg, o, lse)
 
 
-def _global_attention_bwd(spec, padded, residuals, do):
+def _global_attention_bwd(spec, residuals, do):
     q, k, v, route, seg, o, lse = residuals
-    dq, dk, dv = _by_capacity(
-        route, spec, padded, _global_backward, q, k, v, route, seg, o, lse, do
-    )
+    dq, dk, dv = _global_backward(q, k, v, route, seg, o, lse, do, spec)
     return dq, dk, dv, None, None
 
 
@@ -221,10 +199,9 @@ def conditional_global_attention(
     """Full causal attention for tokens with ``route`` true; exactly zero for the others.
 
     q (B, T, Hq, D); k, v (B, T, Hkv, D); route (B, T) bool. Routed queries are compacted
-    (stable order, original positions kept) into a buffer sized to the routed count (see
-    ``CAPACITY_FRACTIONS``), so the work is proportional to the routed count.
+    (stable order, original positions kept), so the work is proportional to the routed count.
     """
     spec, padded = _setup(q, k, v, segment_ids, route, sm_scale, interpret, blocks, None)
     seg = _segments(segment_ids, q.shape[0], padded)
     k, v = _pad(k, padded), _pad(v, padded)
-    return _global_attention(q, k, v, route.astype(bool), seg, spec, padded)
+    return _global_attention(q, k, v, route.astype(bool), seg, spec)

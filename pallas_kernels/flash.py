@@ -105,12 +105,23 @@ def _key_tile_ranges(qpos, *, window, block_k):
     return lo, f0, f1, hi
 
 
-def _forward_kernel(
-    qpos_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: FlashSpec
-):
-    cfg = spec.blocks.forward
-    bk = cfg.block_k
+def _skip_padding_tiles(body, qpos_ref, *refs, spec: FlashSpec, block_k: int):
+    """Runs ``body`` unless the query tile holds only padding rows (qpos -1, the end of a
+    compacted buffer of routed queries): such a tile sees no key, and its outputs are never
+    read, so it returns at once."""
     qpos = qpos_ref[...]
+    ranges = _key_tile_ranges(qpos, window=spec.window, block_k=block_k)
+    pl.when(ranges[-1] > 0)(lambda: body(qpos, ranges, *refs, spec=spec))
+
+
+def _forward_kernel(*refs, spec: FlashSpec):
+    _skip_padding_tiles(_forward_body, *refs, spec=spec, block_k=spec.blocks.forward.block_k)
+
+
+def _forward_body(
+    qpos, ranges, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec: FlashSpec
+):
+    bk = spec.blocks.forward.block_k
     qseg = qseg_ref[...][:, None] if spec.has_segments else None
     q = q_ref[...]
     score_scale = spec.sm_scale * LOG2E
@@ -140,7 +151,7 @@ def _forward_kernel(
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
         return acc, m_new, denom
 
-    lo, f0, f1, hi = _key_tile_ranges(qpos, window=spec.window, block_k=bk)
+    lo, f0, f1, hi = ranges
     bq, d = q.shape
     carry = (
         jnp.zeros((bq, d), jnp.float32),
@@ -155,8 +166,13 @@ def _forward_kernel(
     lse_ref[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, denom, 1.0)), jnp.inf)
 
 
-def _dq_kernel(
-    qpos_ref,
+def _dq_kernel(*refs, spec: FlashSpec):
+    _skip_padding_tiles(_dq_body, *refs, spec=spec, block_k=spec.blocks.dq.block_k)
+
+
+def _dq_body(
+    qpos,
+    ranges,
     qseg_ref,
     kseg_ref,
     q_ref,
@@ -169,9 +185,7 @@ def _dq_kernel(
     *,
     spec: FlashSpec,
 ):
-    cfg = spec.blocks.dq
-    bk = cfg.block_k
-    qpos = qpos_ref[...]
+    bk = spec.blocks.dq.block_k
     qseg = qseg_ref[...][:, None] if spec.has_segments else None
     q = q_ref[...]
     do = do_ref[...]
@@ -201,7 +215,7 @@ def _dq_kernel(
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
-    lo, f0, f1, hi = _key_tile_ranges(qpos, window=spec.window, block_k=bk)
+    lo, f0, f1, hi = ranges
     dq = jnp.zeros(q.shape, jnp.float32)
     dq = jax.lax.fori_loop(lo, f0, functools.partial(tile, causal_edge=True), dq)
     dq = jax.lax.fori_loop(f0, f1, functools.partial(tile, causal_edge=False), dq)

@@ -209,9 +209,9 @@ def test_long_sequence_grads_with_gqa7(mode, rng):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("counts", [(32, 3), (33, 0), (128, 5), (129, 64)])
-def test_routed_counts_at_buffer_boundaries(mode, counts, rng):
-    """The compacted buffer is sized from the routed count (the largest over the batch): counts
-    equal to a buffer size and one past it, with small-tile buffers of 32, 64, 128 and 256."""
+def test_routed_counts_at_tile_boundaries(mode, counts, rng):
+    """Routed counts that fill 32-row query tiles exactly and that spill one row into the next
+    tile; the tiles after the last routed row hold only padding and are skipped."""
     interpret = run_mode(mode)
     t = 256
     q, k, v, _ = make_inputs(rng, 2, t, 2, 1, 64, jnp.float32, False)
