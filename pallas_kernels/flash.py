@@ -105,6 +105,34 @@ def _key_tile_ranges(qpos, *, window, block_k):
     return lo, f0, f1, hi
 
 
+def _key_tile(kb, bk, q, qpos, qseg, k_ref, v_ref, kseg_ref, spec: FlashSpec, causal_edge):
+    """Key tile ``kb`` of a query tile: its keys and values, the unscaled scores (queries,
+    keys), and the visibility mask (None for an interior tile without segments)."""
+    k0 = pl.multiple_of(kb * bk, bk)
+    k = k_ref[pl.ds(k0, bk), :]
+    v = v_ref[pl.ds(k0, bk), :]
+    kseg = kseg_ref[pl.ds(k0, bk)][None, :] if spec.has_segments else None
+    mask = _visible(
+        qpos[:, None],
+        (k0 + jnp.arange(bk, dtype=jnp.int32))[None, :],
+        qseg,
+        kseg,
+        window=spec.window,
+        causal_edge=causal_edge,
+        has_segments=spec.has_segments,
+    )
+    return k, v, _dot(q, k, trans_b=True), mask
+
+
+def _over_key_tiles(ranges, tile, carry):
+    """Runs ``tile(kb, carry, causal_edge=...)`` over the key tiles of ``_key_tile_ranges``:
+    masked edge, unmasked interior, masked edge."""
+    lo, f0, f1, hi = ranges
+    carry = jax.lax.fori_loop(lo, f0, functools.partial(tile, causal_edge=True), carry)
+    carry = jax.lax.fori_loop(f0, f1, functools.partial(tile, causal_edge=False), carry)
+    return jax.lax.fori_loop(f1, hi, functools.partial(tile, causal_edge=True), carry)
+
+
 def _skip_padding_tiles(body, qpos_ref, *refs, spec: FlashSpec, block_k: int):
     """Runs ``body`` unless the query tile holds only padding rows (qpos -1, the end of a
     compacted buffer of routed queries): such a tile sees no key, and its outputs are never
@@ -128,20 +156,8 @@ def _forward_body(
 
     def tile(kb, carry, *, causal_edge):
         acc, m, denom = carry
-        k0 = pl.multiple_of(kb * bk, bk)
-        k = k_ref[pl.ds(k0, bk), :]
-        v = v_ref[pl.ds(k0, bk), :]
-        s = _dot(q, k, trans_b=True)  # unscaled: the scale is folded into exp2's argument
-        kseg = kseg_ref[pl.ds(k0, bk)][None, :] if spec.has_segments else None
-        mask = _visible(
-            qpos[:, None],
-            (k0 + jnp.arange(bk, dtype=jnp.int32))[None, :],
-            qseg,
-            kseg,
-            window=spec.window,
-            causal_edge=causal_edge,
-            has_segments=spec.has_segments,
-        )
+        # s is unscaled: the scale is folded into exp2's argument
+        _, v, s, mask = _key_tile(kb, bk, q, qpos, qseg, k_ref, v_ref, kseg_ref, spec, causal_edge)
         if mask is not None:
             s = jnp.where(mask, s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1) * score_scale)  # the scale is positive
@@ -151,16 +167,13 @@ def _forward_body(
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
         return acc, m_new, denom
 
-    lo, f0, f1, hi = ranges
     bq, d = q.shape
     carry = (
         jnp.zeros((bq, d), jnp.float32),
         jnp.full((bq,), _M_INIT, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
     )
-    carry = jax.lax.fori_loop(lo, f0, functools.partial(tile, causal_edge=True), carry)
-    carry = jax.lax.fori_loop(f0, f1, functools.partial(tile, causal_edge=False), carry)
-    acc, m, denom = jax.lax.fori_loop(f1, hi, functools.partial(tile, causal_edge=True), carry)
+    acc, m, denom = _over_key_tiles(ranges, tile, carry)
     seen = denom > 0
     o_ref[...] = (acc / jnp.where(seen, denom, 1.0)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, denom, 1.0)), jnp.inf)
@@ -194,32 +207,15 @@ def _dq_body(
     score_scale = spec.sm_scale * LOG2E
 
     def tile(kb, dq, *, causal_edge):
-        k0 = pl.multiple_of(kb * bk, bk)
-        k = k_ref[pl.ds(k0, bk), :]
-        v = v_ref[pl.ds(k0, bk), :]
-        s = _dot(q, k, trans_b=True)
+        k, v, s, mask = _key_tile(kb, bk, q, qpos, qseg, k_ref, v_ref, kseg_ref, spec, causal_edge)
         p = _exp2(s * score_scale - lse[:, None], spec)
-        kseg = kseg_ref[pl.ds(k0, bk)][None, :] if spec.has_segments else None
-        mask = _visible(
-            qpos[:, None],
-            (k0 + jnp.arange(bk, dtype=jnp.int32))[None, :],
-            qseg,
-            kseg,
-            window=spec.window,
-            causal_edge=causal_edge,
-            has_segments=spec.has_segments,
-        )
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
         dp = _dot(do, v, trans_b=True)
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
-    lo, f0, f1, hi = ranges
-    dq = jnp.zeros(q.shape, jnp.float32)
-    dq = jax.lax.fori_loop(lo, f0, functools.partial(tile, causal_edge=True), dq)
-    dq = jax.lax.fori_loop(f0, f1, functools.partial(tile, causal_edge=False), dq)
-    dq = jax.lax.fori_loop(f1, hi, functools.partial(tile, causal_edge=True), dq)
+    dq = _over_key_tiles(ranges, tile, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * spec.sm_scale).astype(dq_ref.dtype)
 
 
@@ -331,6 +327,19 @@ def query_tiles_per_key_tile(qpos, *, num_keys, window, block_q, block_k):
     return jnp.stack([start, full_start, full_end, end], axis=-1).astype(jnp.int32)
 
 
+def _query_tile_specs(cfg: BlockConfig, tq: int, tk: int, d: int, group: int):
+    """Blocks of a launch over (query head, query tile, batch), heaviest (latest) query tiles
+    first: a tile's rows of a (B, Tq, H, D) array, its (B, H, Tq) statistics, and the inputs
+    qpos, qseg (the tile's), kseg, q (the tile's), k, v (whole, of the head's GQA group)."""
+    nq = tq // cfg.block_q
+    tile = pl.BlockSpec((None, cfg.block_q), lambda h, i, bi: (bi, nq - 1 - i))
+    rows = pl.BlockSpec((None, cfg.block_q, None, d), lambda h, i, bi: (bi, nq - 1 - i, h, 0))
+    stats = pl.BlockSpec((None, None, cfg.block_q), lambda h, i, bi: (bi, h, nq - 1 - i))
+    keys = pl.BlockSpec((None, tk, None, d), lambda h, i, bi: (bi, 0, h // group, 0))
+    key_segments = pl.BlockSpec((None, tk), lambda h, i, bi: (bi, 0))
+    return rows, stats, [tile, tile, key_segments, rows, keys, keys]
+
+
 def flash_forward(q, k, v, qpos, qseg, kseg, spec: FlashSpec):
     """q (B, Tq, Hq, D) at positions qpos (B, Tq); k, v (B, Tk, Hkv, D); Tq, Tk padded to the
     tiles. Returns o (B, Tq, Hq, D) and the log2-sum-exp (B, Hq, Tq) float32."""
@@ -338,26 +347,12 @@ def flash_forward(q, k, v, qpos, qseg, kseg, spec: FlashSpec):
     tk, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
     cfg = spec.blocks.forward
-    nq = tq // cfg.block_q
-
-    def q_rows(h, i, bi):
-        return bi, nq - 1 - i, h, 0  # heaviest (latest) query tiles first
-
+    rows, stats, inputs = _query_tile_specs(cfg, tq, tk, d, group)
     return pl.pallas_call(
         functools.partial(_forward_kernel, spec=spec),
-        grid=(hq, nq, b),
-        in_specs=[
-            pl.BlockSpec((None, cfg.block_q), lambda h, i, bi: (bi, nq - 1 - i)),
-            pl.BlockSpec((None, cfg.block_q), lambda h, i, bi: (bi, nq - 1 - i)),
-            pl.BlockSpec((None, tk), lambda h, i, bi: (bi, 0)),
-            pl.BlockSpec((None, cfg.block_q, None, d), q_rows),
-            pl.BlockSpec((None, tk, None, d), lambda h, i, bi: (bi, 0, h // group, 0)),
-            pl.BlockSpec((None, tk, None, d), lambda h, i, bi: (bi, 0, h // group, 0)),
-        ],
-        out_specs=[
-            pl.BlockSpec((None, cfg.block_q, None, d), q_rows),
-            pl.BlockSpec((None, None, cfg.block_q), lambda h, i, bi: (bi, h, nq - 1 - i)),
-        ],
+        grid=(hq, tq // cfg.block_q, b),
+        in_specs=inputs,
+        out_specs=[rows, stats],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((b, hq, tq), jnp.float32),
@@ -377,29 +372,12 @@ def flash_backward(q, k, v, o, lse, do, qpos, qseg, kseg, qtiles, spec: FlashSpe
     delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32))
 
     cfg = spec.blocks.dq
-    nq = tq // cfg.block_q
-
-    def q_rows(h, i, bi):
-        return bi, nq - 1 - i, h, 0
-
-    def q_stats(h, i, bi):
-        return bi, h, nq - 1 - i
-
+    rows, stats, inputs = _query_tile_specs(cfg, tq, tk, d, group)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, spec=spec),
-        grid=(hq, nq, b),
-        in_specs=[
-            pl.BlockSpec((None, cfg.block_q), lambda h, i, bi: (bi, nq - 1 - i)),
-            pl.BlockSpec((None, cfg.block_q), lambda h, i, bi: (bi, nq - 1 - i)),
-            pl.BlockSpec((None, tk), lambda h, i, bi: (bi, 0)),
-            pl.BlockSpec((None, cfg.block_q, None, d), q_rows),
-            pl.BlockSpec((None, tk, None, d), lambda h, i, bi: (bi, 0, h // group, 0)),
-            pl.BlockSpec((None, tk, None, d), lambda h, i, bi: (bi, 0, h // group, 0)),
-            pl.BlockSpec((None, cfg.block_q, None, d), q_rows),
-            pl.BlockSpec((None, None, cfg.block_q), q_stats),
-            pl.BlockSpec((None, None, cfg.block_q), q_stats),
-        ],
-        out_specs=pl.BlockSpec((None, cfg.block_q, None, d), q_rows),
+        grid=(hq, tq // cfg.block_q, b),
+        in_specs=[*inputs, rows, stats, stats],
+        out_specs=rows,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_params(cfg),
         interpret=spec.interpret,
