@@ -139,17 +139,24 @@ def _qtiles(qpos, num_keys: int, spec: FlashSpec):
 # compacted output is read back only at routed tokens' rows.
 
 
-def _global_forward(q, k, v, route, seg, spec: FlashSpec):
+def _global_forward(q, k, v, qpos, slot, qseg, seg, spec: FlashSpec):
     """Output (B, T, Hq, D) and log2-sum-exp (B, Hq, T) (+inf for skipped tokens)."""
-    qpos, slot = compact_routed(route, k.shape[1])
-    qseg = jnp.take_along_axis(seg, jnp.maximum(qpos, 0), axis=1)
     o, lse = flash_forward(_take_rows(q, qpos), k, v, qpos, qseg, seg, spec)
     return _take_rows(o, slot), _take_rows(lse, slot, axis=2, fill=jnp.inf)
 
 
-def _global_backward(q, k, v, route, seg, o, lse, do, spec: FlashSpec):
-    qpos, slot = compact_routed(route, k.shape[1])
-    qseg = jnp.take_along_axis(seg, jnp.maximum(qpos, 0), axis=1)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _global_attention(q, k, v, qpos, slot, qseg, seg, spec):
+    return _global_forward(q, k, v, qpos, slot, qseg, seg, spec)[0]
+
+
+def _global_attention_fwd(q, k, v, qpos, slot, qseg, seg, spec):
+    o, lse = _global_forward(q, k, v, qpos, slot, qseg, seg, spec)
+    return o, (q, k, v, qpos, slot, qseg, seg, o, lse)
+
+
+def _global_attention_bwd(spec, residuals, do):
+    q, k, v, qpos, slot, qseg, seg, o, lse = residuals
     dq, dk, dv = flash_backward(
         _take_rows(q, qpos),
         k,
@@ -163,23 +170,7 @@ def _global_backward(q, k, v, route, seg, o, lse, do, spec: FlashSpec):
         _qtiles(qpos, k.shape[1], spec),
         spec,
     )
-    return _take_rows(dq, slot), dk, dv
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _global_attention(q, k, v, route, seg, spec):
-    return _global_forward(q, k, v, route, seg, spec)[0]
-
-
-def _global_attention_fwd(q, k, v, route, seg, spec):
-    o, lse = _global_forward(q, k, v, route, seg, spec)
-    return o, (q, k, v, route, seg, o, lse)
-
-
-def _global_attention_bwd(spec, residuals, do):
-    q, k, v, route, seg, o, lse = residuals
-    dq, dk, dv = _global_backward(q, k, v, route, seg, o, lse, do, spec)
-    return dq, dk, dv, None, None
+    return _take_rows(dq, slot), dk, dv, None, None, None, None
 
 
 _global_attention.defvjp(_global_attention_fwd, _global_attention_bwd)
@@ -203,5 +194,7 @@ def conditional_global_attention(
     """
     spec, padded = _setup(q, k, v, segment_ids, route, sm_scale, interpret, blocks, None)
     seg = _segments(segment_ids, q.shape[0], padded)
+    qpos, slot = compact_routed(route.astype(bool), padded)
+    qseg = jnp.take_along_axis(seg, jnp.maximum(qpos, 0), axis=1)
     k, v = _pad(k, padded), _pad(v, padded)
-    return _global_attention(q, k, v, route.astype(bool), seg, spec)
+    return _global_attention(q, k, v, qpos, slot, qseg, seg, spec)

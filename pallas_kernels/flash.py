@@ -124,9 +124,10 @@ def _key_tile(kb, bk, q, qpos, qseg, k_ref, v_ref, kseg_ref, spec: FlashSpec, ca
     return k, v, _dot(q, k, trans_b=True), mask
 
 
-def _over_key_tiles(ranges, tile, carry):
-    """Runs ``tile(kb, carry, causal_edge=...)`` over the key tiles of ``_key_tile_ranges``:
-    masked edge, unmasked interior, masked edge."""
+def _over_tiles(ranges, tile, carry):
+    """Runs ``tile(i, carry, causal_edge=...)`` over tiles [lo, f0) masked, [f0, f1) unmasked,
+    [f1, hi) masked: the key tiles of a query tile (``_key_tile_ranges``) or the query tiles
+    of a key tile (``query_tiles_per_key_tile``)."""
     lo, f0, f1, hi = ranges
     carry = jax.lax.fori_loop(lo, f0, functools.partial(tile, causal_edge=True), carry)
     carry = jax.lax.fori_loop(f0, f1, functools.partial(tile, causal_edge=False), carry)
@@ -173,7 +174,7 @@ def _forward_body(
         jnp.full((bq,), _M_INIT, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
     )
-    acc, m, denom = _over_key_tiles(ranges, tile, carry)
+    acc, m, denom = _over_tiles(ranges, tile, carry)
     seen = denom > 0
     o_ref[...] = (acc / jnp.where(seen, denom, 1.0)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, denom, 1.0)), jnp.inf)
@@ -215,7 +216,7 @@ def _dq_body(
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
-    dq = _over_key_tiles(ranges, tile, jnp.zeros(q.shape, jnp.float32))
+    dq = _over_tiles(ranges, tile, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * spec.sm_scale).astype(dq_ref.dtype)
 
 
@@ -245,7 +246,7 @@ def _dkdv_kernel(
     kpos = (k0 + jnp.arange(bk, dtype=jnp.int32))[:, None]
     kseg = kseg_ref[...][:, None] if spec.has_segments else None
     score_scale = spec.sm_scale * LOG2E
-    start, full_start, full_end, end = (qtiles_ref[i] for i in range(4))
+    ranges = tuple(qtiles_ref[i] for i in range(4))  # start, full_start, full_end, end
 
     # Tiles are (keys, queries): P^T and dS^T come out of the score matmul already in the
     # layout the dV and dK matmuls take, with no transpose in registers.
@@ -279,12 +280,7 @@ def _dkdv_kernel(
         return dk, dv
 
     def head_loop(head, carry):
-        edge = functools.partial(tile, head=head, causal_edge=True)
-        carry = jax.lax.fori_loop(start, full_start, edge, carry)
-        carry = jax.lax.fori_loop(
-            full_start, full_end, functools.partial(tile, head=head, causal_edge=False), carry
-        )
-        return jax.lax.fori_loop(full_end, end, edge, carry)
+        return _over_tiles(ranges, functools.partial(tile, head=head), carry)
 
     zeros = jnp.zeros((bk, d), jnp.float32)
     dk, dv = jax.lax.fori_loop(0, group, head_loop, (zeros, zeros))
