@@ -19,6 +19,7 @@ from pallas_kernels.flash import (
     flash_backward,
     flash_forward,
     query_tiles_per_key_tile,
+    softmax_delta,
 )
 from pallas_kernels.reference import check_attention_shapes
 
@@ -45,7 +46,7 @@ def _setup(q, k, v, segment_ids, route, sm_scale, interpret, blocks, window):
     interpret = _resolve_interpret(interpret)
     seq_len = q.shape[1]
     blocks = blocks or default_blocks(
-        seq_len, q.shape[-1], interpret=interpret, windowed=window is not None
+        seq_len, q.shape[-1], interpret=interpret, itemsize=q.dtype.itemsize
     )
     spec = FlashSpec(
         window=window,
@@ -157,11 +158,13 @@ def _global_attention_fwd(q, k, v, qpos, slot, qseg, seg, spec):
 
 def _global_attention_bwd(spec, residuals, do):
     q, k, v, qpos, slot, qseg, seg, o, lse = residuals
+    # delta in token order and then gathered: O itself never needs compacting
+    delta = softmax_delta(o, do)
     dq, dk, dv = flash_backward(
         _take_rows(q, qpos),
         k,
         v,
-        _take_rows(o, qpos),
+        _take_rows(delta, qpos, axis=2),
         _take_rows(lse, qpos, axis=2, fill=jnp.inf),
         _take_rows(do, qpos),
         qpos,

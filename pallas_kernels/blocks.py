@@ -40,34 +40,43 @@ class AttentionBlocks:
 
 
 def default_blocks(
-    seq_len: int, head_dim: int, *, interpret: bool, windowed: bool = False
+    seq_len: int, head_dim: int, *, interpret: bool, itemsize: int = 2
 ) -> AttentionBlocks:
     """Heuristics: Hopper-sized tiles on the GPU; small tiles in interpret mode so short test
-    sequences still span several tiles and exercise every loop boundary. ``windowed``: the
-    sliding-window op (short key loops) rather than the global one (long key loops)."""
+    sequences still span several tiles and exercise every loop boundary. ``itemsize``: bytes
+    per element of q, k, v. Every GPU choice stays within the 227 KiB of shared memory a
+    Hopper block may use: the software pipeline keeps ``num_stages`` copies of the streamed
+    tiles (keys and values, or queries and output gradients for dK/dV), so wide rows (float32,
+    head_dim 256) take smaller tiles and fewer stages."""
     if interpret or seq_len <= 256:
         small = BlockConfig(block_q=32, block_k=32, num_warps=4, num_stages=1)
         return AttentionBlocks(small, small, small)
+    row_bytes = head_dim * itemsize
     if head_dim <= 64:
         return AttentionBlocks(
             forward=BlockConfig(128, 64, num_warps=4, num_stages=3),
             dq=BlockConfig(64, 64, num_warps=4, num_stages=2),
             dkdv=BlockConfig(64, 64, num_warps=4, num_stages=2),
         )
-    # head_dim 128, measured with `bench/attention.py` on an H200 (28/4 heads): the window
-    # forward is fastest with 64x64 tiles (T=8K: 1.07 vs 1.10 ms for 128x128; T=32K: 4.33 vs
-    # 4.49 ms); the global forward, whose key loops run to the end of the sequence, with
-    # 128x128 tiles, which load each key tile for twice the queries.
-    forward = (
-        BlockConfig(64, 64, num_warps=4, num_stages=3)
-        if windowed
-        else BlockConfig(128, 128, num_warps=8, num_stages=3)
-    )
-    return AttentionBlocks(
-        forward=forward,
-        dq=BlockConfig(64, 64, num_warps=4, num_stages=2),
-        dkdv=BlockConfig(64, 64, num_warps=4, num_stages=2),
-    )
+    if row_bytes <= 256:
+        # head_dim 128 in 16 bits, measured with `bench/attention.py --tune` on an H200 (28/4
+        # heads): both forwards are fastest with 128x128 tiles and 8 warps (window at T=32K:
+        # 4.06-4.10 ms against 4.57 for 64x64; global 20%: 3.76-3.80 against 3.92 for 128x64);
+        # with 64-row tiles each key tile is loaded for half as many queries. The backward
+        # kernels keep 64x64: 128x128 is no faster for dQ and much slower for dK/dV.
+        return AttentionBlocks(
+            forward=BlockConfig(128, 128, num_warps=8, num_stages=3),
+            dq=BlockConfig(64, 64, num_warps=4, num_stages=2),
+            dkdv=BlockConfig(64, 64, num_warps=4, num_stages=2),
+        )
+    if row_bytes <= 512:  # head_dim 128 in float32, or 256 in 16 bits
+        return AttentionBlocks(
+            forward=BlockConfig(64, 64, num_warps=4, num_stages=2),
+            dq=BlockConfig(64, 32, num_warps=4, num_stages=2),
+            dkdv=BlockConfig(32, 64, num_warps=4, num_stages=2),
+        )
+    tile = BlockConfig(32, 32, num_warps=4, num_stages=1)  # head_dim 256 in float32
+    return AttentionBlocks(BlockConfig(32, 32, num_warps=4, num_stages=2), tile, tile)
 
 
 def check_head_dim(head_dim: int) -> None:

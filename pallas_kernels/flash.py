@@ -359,13 +359,18 @@ def flash_forward(q, k, v, qpos, qseg, kseg, spec: FlashSpec):
     )(qpos, qseg, kseg, q, k, v)
 
 
-def flash_backward(q, k, v, o, lse, do, qpos, qseg, kseg, qtiles, spec: FlashSpec):
-    """Gradients (dq, dk, dv) of ``flash_forward``. ``qtiles`` (B, Tk / block_k, 4) int32 from
-    ``query_tiles_per_key_tile``."""
+def softmax_delta(o, do):
+    """Row sums of dO * O, (B, T, H, D) -> (B, H, T) float32: the softmax backward's
+    correction term, which both backward kernels read."""
+    return jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32))
+
+
+def flash_backward(q, k, v, delta, lse, do, qpos, qseg, kseg, qtiles, spec: FlashSpec):
+    """Gradients (dq, dk, dv) of ``flash_forward``; ``delta`` from ``softmax_delta``.
+    ``qtiles`` (B, Tk / block_k, 4) int32 from ``query_tiles_per_key_tile``."""
     b, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
-    delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32))
 
     cfg = spec.blocks.dq
     rows, stats, inputs = _query_tile_specs(cfg, tq, tk, d, group)
@@ -431,7 +436,8 @@ def _flash_fwd(q, k, v, qpos, qseg, kseg, qtiles, spec):
 
 def _flash_bwd(spec, residuals, do):
     q, k, v, o, lse, qpos, qseg, kseg, qtiles = residuals
-    dq, dk, dv = flash_backward(q, k, v, o, lse, do, qpos, qseg, kseg, qtiles, spec)
+    delta = softmax_delta(o, do)
+    dq, dk, dv = flash_backward(q, k, v, delta, lse, do, qpos, qseg, kseg, qtiles, spec)
     return dq, dk, dv, None, None, None, None
 
 

@@ -12,6 +12,7 @@ from pallas_kernels import (
     BlockConfig,
     conditional_global_attention,
     conditional_global_attention_reference,
+    default_blocks,
     sliding_window_attention,
     sliding_window_attention_reference,
 )
@@ -278,6 +279,44 @@ def test_under_jit_with_other_tiles(mode, rng):
         jnp.float32,
         rng,
     )
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gpu_tiles_for_every_head_dim_and_dtype(mode, d, dtype, rng):
+    """The tiles ``default_blocks`` picks for the GPU (which differ by head_dim and dtype, to
+    fit shared memory), in both modes: a length past every tile's padding, both ops, values and
+    gradients."""
+    interpret = run_mode(mode)
+    t = 300
+    q, k, v, seg = make_inputs(rng, 1, t, 2, 1, d, dtype, True)
+    route = make_route(rng, (0.3,), t)
+    blocks = default_blocks(4096, d, interpret=False, itemsize=jnp.dtype(dtype).itemsize)
+    ops = {
+        "window": (
+            lambda q, k, v: sliding_window_attention(
+                q, k, v, window=150, segment_ids=seg, interpret=interpret, blocks=blocks
+            ),
+            lambda q, k, v: sliding_window_attention_reference(
+                q, k, v, window=150, segment_ids=seg
+            ),
+            dict(window=150),
+        ),
+        "global": (
+            lambda q, k, v: conditional_global_attention(
+                q, k, v, route, segment_ids=seg, interpret=interpret, blocks=blocks
+            ),
+            lambda q, k, v: conditional_global_attention_reference(q, k, v, route, segment_ids=seg),
+            dict(route=np.asarray(route)),
+        ),
+    }
+    for op, reference, semantics in ops.values():
+        want = numpy_attention(q, k, v, segment_ids=np.asarray(seg), **semantics)
+        np.testing.assert_allclose(
+            np.asarray(op(q, k, v), np.float64), want, atol=TOL[dtype][0], rtol=TOL[dtype][2]
+        )
+        check_grads(op, reference, q, k, v, dtype, rng)
 
 
 @pytest.mark.parametrize(
