@@ -141,9 +141,11 @@ def _qtiles(qpos, num_keys: int, spec: FlashSpec):
 
 
 def _global_forward(q, k, v, qpos, slot, qseg, seg, spec: FlashSpec):
-    """Output (B, T, Hq, D) and log2-sum-exp (B, Hq, T) (+inf for skipped tokens)."""
-    o, lse = flash_forward(_take_rows(q, qpos), k, v, qpos, qseg, seg, spec)
-    return _take_rows(o, slot), _take_rows(lse, slot, axis=2, fill=jnp.inf)
+    """Output (B, T, Hq, D) and log2-sum-exp (B, Hq, T) (+inf for skipped tokens), and the
+    compacted queries, which the backward reads again."""
+    q_compact = _take_rows(q, qpos)
+    o, lse = flash_forward(q_compact, k, v, qpos, qseg, seg, spec)
+    return _take_rows(o, slot), _take_rows(lse, slot, axis=2, fill=jnp.inf), q_compact
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -152,16 +154,16 @@ def _global_attention(q, k, v, qpos, slot, qseg, seg, spec):
 
 
 def _global_attention_fwd(q, k, v, qpos, slot, qseg, seg, spec):
-    o, lse = _global_forward(q, k, v, qpos, slot, qseg, seg, spec)
-    return o, (q, k, v, qpos, slot, qseg, seg, o, lse)
+    o, lse, q_compact = _global_forward(q, k, v, qpos, slot, qseg, seg, spec)
+    return o, (q_compact, k, v, qpos, slot, qseg, seg, o, lse)
 
 
 def _global_attention_bwd(spec, residuals, do):
-    q, k, v, qpos, slot, qseg, seg, o, lse = residuals
+    q_compact, k, v, qpos, slot, qseg, seg, o, lse = residuals
     # delta in token order and then gathered: O itself never needs compacting
     delta = softmax_delta(o, do)
     dq, dk, dv = flash_backward(
-        _take_rows(q, qpos),
+        q_compact,
         k,
         v,
         _take_rows(delta, qpos, axis=2),
