@@ -248,6 +248,50 @@ def test_longest_sequence_sampled_rows(mode, rng):
             np.testing.assert_allclose(out[0, i], want, atol=1e-2, rtol=2.0**-7, err_msg=f"{i}")
 
 
+@pytest.mark.gpu
+def test_arrays_over_2_31_elements(rng):
+    """Natively only (interpret mode cannot hold these sizes): q with more than 2**31 elements
+    (T=131072, 140 query heads over 20 kv heads, D=128), so element offsets inside the kernels
+    need 64 bits. The last GQA group, which holds the largest offsets, must give the same
+    outputs and gradients as the op run on that group alone (an array 20x smaller), and its
+    sampled rows must match float64 NumPy."""
+    run_mode("native")
+    t, hq, hkv, d, window = 131072, 140, 20, 128, 4096
+    group = hq // hkv
+    assert t * hq * d > 2**31
+    keys = jax.random.split(jax.random.key(int(rng.integers(2**31))), 4)
+    q, do = (jax.random.normal(key, (1, t, hq, d), jnp.bfloat16) for key in keys[:2])
+    k, v = (jax.random.normal(key, (1, t, hkv, d), jnp.bfloat16) for key in keys[2:])
+    route = make_route(rng, (0.2,), t)
+    ops = {
+        "window": lambda q, k, v: sliding_window_attention(q, k, v, window=window),
+        "global": lambda q, k, v: conditional_global_attention(q, k, v, route),
+    }
+
+    def last_group(x):
+        return x[:, :, -(group if x.shape[2] == hq else 1) :]
+
+    small = [last_group(x) for x in (q, k, v, do)]
+    f64 = [np.asarray(x, np.float64) for x in small[:3]]
+    rows = np.unique(np.concatenate([[0, t - 1], rng.choice(t, 6, replace=False)]))
+    routed = np.asarray(route)[0]
+    for name, op in ops.items():
+        out, vjp = jax.vjp(jax.jit(op), q, k, v)
+        big = [np.asarray(last_group(x), np.float32) for x in (out, *vjp(do))]
+        del out, vjp
+        out, vjp = jax.vjp(jax.jit(op), *small[:3])
+        want = [np.asarray(x, np.float32) for x in (out, *vjp(small[3]))]
+        for got, ref, what in zip(big, want, ("out", "dq", "dk", "dv"), strict=True):
+            assert np.isfinite(got).all(), f"{name} {what}"
+            np.testing.assert_allclose(got, ref, atol=1e-2, rtol=2.0**-7, err_msg=f"{name} {what}")
+        for i in rows:
+            if name == "global" and not routed[i]:
+                assert not big[0][0, i].any(), f"skipped row {i} must be 0"
+                continue
+            row = numpy_row(*f64, 0, i, window=window if name == "window" else None)
+            np.testing.assert_allclose(big[0][0, i], row, atol=1e-2, rtol=2.0**-7, err_msg=f"{i}")
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("counts", [(32, 3), (33, 0), (128, 5), (129, 64)])
 def test_routed_counts_at_tile_boundaries(mode, counts, rng):
