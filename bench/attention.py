@@ -1,6 +1,7 @@
 """Attention kernels on one GPU: correctness first, then forward and forward+backward timings
 of the window kernel, the conditional global kernel and both together (the L2A layer), against
-cuDNN dense causal attention in the same run on the same card.
+cuDNN dense causal attention in the same run on the same card. cuDNN's own sliding-window
+attention is timed too, over the same keys as the window kernel.
 
     python bench/attention.py --out results/        # full table (T = 8K, 32K, 128K)
     python bench/attention.py --seq-lens 8192 --densities 0.2 --reps 5
@@ -105,6 +106,17 @@ def cudnn_causal(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
 
+def cudnn_window(window):
+    """cuDNN's own sliding-window attention over the same keys as ours (i - window < j <= i)."""
+
+    def run(q, k, v):
+        return jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, local_window_size=(window - 1, 0), implementation="cudnn"
+        )
+
+    return run
+
+
 def fwd_bwd(fn):
     """One jitted forward + backward: the VJP of cotangent ``do`` for every float input
     (integer and boolean inputs, such as the route, are passed through)."""
@@ -144,6 +156,10 @@ def check(args) -> list[dict]:
             lambda q, k, v: sliding_window_attention(q, k, v, window=args.window // 4),
             lambda q, k, v: sliding_window_attention_reference(q, k, v, window=args.window // 4),
         ),
+        "window vs cuDNN window": (
+            lambda q, k, v: sliding_window_attention(q, k, v, window=args.window // 4),
+            cudnn_window(args.window // 4),
+        ),
         "global 20%": (
             lambda q, k, v: conditional_global_attention(q, k, v, route),
             lambda q, k, v: conditional_global_attention_reference(q, k, v, route),
@@ -156,7 +172,7 @@ def check(args) -> list[dict]:
     rows = []
     for name, (ours, ref) in cases.items():
         got_o, got_g = fwd_bwd(ours)(q, k, v, do)
-        inputs = (q, k, v) if ref is cudnn_causal else f32
+        inputs = (q, k, v) if "cuDNN" in name else f32  # cuDNN runs on the bf16 inputs
         want_o, want_g = fwd_bwd(ref)(*inputs, do.astype(inputs[0].dtype))
         row = {"check": name, "T": t, "out": rel_err(got_o, want_o)}
         row.update({f"d{n}": rel_err(g, w) for n, g, w in zip("qkv", got_g, want_g, strict=True)})
@@ -329,6 +345,7 @@ def main():
         common = (rows, args, t, do)
         record(*common, "cuDNN dense causal", None, t * (t + 1) // 2, cudnn_causal, (q, k, v))
         w_pairs = window_pairs(t, args.window)
+        record(*common, "cuDNN sliding window", None, w_pairs, cudnn_window(args.window), (q, k, v))
         record(
             *common,
             "window",
