@@ -151,28 +151,33 @@ def check(args) -> list[dict]:
     do = jax.random.normal(jax.random.key(2), q.shape, q.dtype)
     route = random_route(jax.random.key(3), t, 0.2)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    # name: (ours, what it is checked against, the inputs that runs on: the f32 reference on
+    # the f32 inputs, cuDNN on the same bf16 inputs as ours)
     cases = {
         "window": (
             lambda q, k, v: sliding_window_attention(q, k, v, window=args.window // 4),
             lambda q, k, v: sliding_window_attention_reference(q, k, v, window=args.window // 4),
+            f32,
         ),
         "window vs cuDNN window": (
             lambda q, k, v: sliding_window_attention(q, k, v, window=args.window // 4),
             cudnn_window(args.window // 4),
+            (q, k, v),
         ),
         "global 20%": (
             lambda q, k, v: conditional_global_attention(q, k, v, route),
             lambda q, k, v: conditional_global_attention_reference(q, k, v, route),
+            f32,
         ),
         "global 100% vs cuDNN": (
             lambda q, k, v: conditional_global_attention(q, k, v, jnp.ones((1, t), bool)),
             cudnn_causal,
+            (q, k, v),
         ),
     }
     rows = []
-    for name, (ours, ref) in cases.items():
+    for name, (ours, ref, inputs) in cases.items():
         got_o, got_g = fwd_bwd(ours)(q, k, v, do)
-        inputs = (q, k, v) if "cuDNN" in name else f32  # cuDNN runs on the bf16 inputs
         want_o, want_g = fwd_bwd(ref)(*inputs, do.astype(inputs[0].dtype))
         row = {"check": name, "T": t, "out": rel_err(got_o, want_o)}
         row.update({f"d{n}": rel_err(g, w) for n, g, w in zip("qkv", got_g, want_g, strict=True)})

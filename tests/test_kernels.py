@@ -37,6 +37,17 @@ def numpy_row(q, k, v, bi, i, *, window=None, segment_ids=None):
     return out
 
 
+def assert_rows_match_numpy(out, f64, rows, routed, window):
+    """Sampled rows of one op's output for batch row 0 against float64 NumPy: the window op
+    when ``window`` is given, else the global op, whose rows not ``routed`` must be exactly 0."""
+    for i in rows:
+        if window is None and not routed[i]:
+            assert not out[0, i].any(), f"skipped row {i} must be 0"
+            continue
+        want = numpy_row(*f64, 0, i, window=window)
+        np.testing.assert_allclose(out[0, i], want, atol=1e-2, rtol=2.0**-7, err_msg=f"row {i}")
+
+
 def numpy_attention(q, k, v, *, window=None, route=None, segment_ids=None):
     """float64 definition of both ops: every row, zero where ``route`` is false."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
@@ -240,12 +251,7 @@ def test_longest_sequence_sampled_rows(mode, rng):
         for x, what in zip((out, *vjp(do)), ("out", "dq", "dk", "dv"), strict=True):
             assert np.isfinite(np.asarray(x, np.float32)).all(), f"{name} {what}"
         out = np.asarray(out, np.float64)
-        for i in rows:
-            if name == "global" and not routed[i]:
-                assert not out[0, i].any(), f"skipped row {i} must be 0"
-                continue
-            want = numpy_row(*f64, 0, i, window=window if name == "window" else None)
-            np.testing.assert_allclose(out[0, i], want, atol=1e-2, rtol=2.0**-7, err_msg=f"{i}")
+        assert_rows_match_numpy(out, f64, rows, routed, window if name == "window" else None)
 
 
 @pytest.mark.gpu
@@ -284,12 +290,7 @@ def test_arrays_over_2_31_elements(rng):
         for got, ref, what in zip(big, want, ("out", "dq", "dk", "dv"), strict=True):
             assert np.isfinite(got).all(), f"{name} {what}"
             np.testing.assert_allclose(got, ref, atol=1e-2, rtol=2.0**-7, err_msg=f"{name} {what}")
-        for i in rows:
-            if name == "global" and not routed[i]:
-                assert not big[0][0, i].any(), f"skipped row {i} must be 0"
-                continue
-            row = numpy_row(*f64, 0, i, window=window if name == "window" else None)
-            np.testing.assert_allclose(big[0][0, i], row, atol=1e-2, rtol=2.0**-7, err_msg=f"{i}")
+        assert_rows_match_numpy(big[0], f64, rows, routed, window if name == "window" else None)
 
 
 @pytest.mark.parametrize("mode", MODES)
