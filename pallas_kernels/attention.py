@@ -200,6 +200,6 @@ def conditional_global_attention(
     spec, padded = _setup(q, k, v, segment_ids, route, sm_scale, interpret, blocks, None)
     seg = _segments(segment_ids, q.shape[0], padded)
     qpos, slot = compact_routed(route.astype(bool), padded)
-    qseg = jnp.take_along_axis(seg, jnp.maximum(qpos, 0), axis=1)
+    qseg = _take_rows(seg, qpos)
     k, v = _pad(k, padded), _pad(v, padded)
     return _global_attention(q, k, v, qpos, slot, qseg, seg, spec)
