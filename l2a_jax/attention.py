@@ -3,15 +3,28 @@
 - ``xla``: the pure-jnp references of ``pallas_kernels`` (materialise the score matrix);
 - ``pallas``: the Pallas kernels (native on a GPU, interpret mode elsewhere);
 - ``auto``: ``pallas`` on a GPU for head dims the kernels support, ``xla`` otherwise.
+
+A Pallas call is opaque to XLA's partitioner, so on a mesh each kernel runs inside
+``jax.shard_map``: batch split over the data axes and heads over ``tensor``, specs derived from
+the same ``ShardingRules`` as the weights, each GQA group (a kv head and the query heads that
+read it) on one device. The sequence stays whole on every device. The jnp reference needs no
+wrapping: XLA partitions it like any other computation.
+
+Kernel modules are imported on the first call that needs them, so configs, the model
+definition and the HF loader never load the Pallas Triton backend.
 """
 
 from __future__ import annotations
 
-import jax
+import dataclasses
+import functools
 
-import pallas_kernels
-from pallas_kernels import reference
-from pallas_kernels.blocks import SUPPORTED_HEAD_DIMS
+import jax
+from jax.sharding import Mesh, PartitionSpec
+
+from l2a_jax.config import ConfigError
+from l2a_jax.sharding import ShardingRules, axis_size
+from pallas_kernels.blocks import SUPPORTED_HEAD_DIMS  # plain data: loads no kernel
 
 ATTENTION_IMPLS = ("auto", "xla", "pallas")
 
@@ -19,41 +32,99 @@ ATTENTION_IMPLS = ("auto", "xla", "pallas")
 def resolve_impl(impl: str, head_dim: int) -> str:
     """The implementation that ``impl`` runs as on this machine for heads of ``head_dim``."""
     if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention impl {impl!r} is unknown; use one of {ATTENTION_IMPLS}")
+        raise ConfigError(f"attention impl {impl!r} is unknown; use one of {ATTENTION_IMPLS}")
     if impl == "auto":
         native = jax.default_backend() == "gpu" and head_dim in SUPPORTED_HEAD_DIMS
         return "pallas" if native else "xla"
     return impl
 
 
-def causal_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    segment_ids: jax.Array | None = None,
-    window: int | None = None,
-    impl: str = "xla",
-) -> jax.Array:
-    """q (b, t, hq, d), k/v (b, t, hkv, d) -> (b, t, hq, d); causal, optionally windowed."""
-    if resolve_impl(impl, q.shape[-1]) == "pallas":
-        # a window as long as the sequence is plain causal attention
-        return pallas_kernels.sliding_window_attention(
-            q, k, v, window=window or q.shape[1], segment_ids=segment_ids
+@dataclasses.dataclass(frozen=True)
+class AttentionBackend:
+    """How a model runs attention: ``impl`` as requested (``auto``, ``xla``, ``pallas``),
+    resolved for ``head_dim`` on this machine, and the ``mesh`` (with its ``rules``) that the
+    kernels are shard-mapped over; no mesh runs them on whatever device holds the inputs."""
+
+    impl: str
+    head_dim: int
+    mesh: Mesh | None = None
+    rules: ShardingRules = ShardingRules()
+
+    def __post_init__(self):
+        resolve_impl(self.impl, self.head_dim)
+
+    @property
+    def runs_as(self) -> str:
+        return resolve_impl(self.impl, self.head_dim)
+
+    def check_heads(self, num_heads: int, num_kv_heads: int) -> None:
+        """Raises a ``ConfigError`` when the mesh would split a GQA group across devices."""
+        if self.runs_as == "pallas" and self.mesh is not None:
+            _head_axes(self.mesh, self.rules, num_heads, num_kv_heads)
+
+    def causal(self, q, k, v, *, segment_ids=None, window: int | None = None) -> jax.Array:
+        """q (b, t, hq, d), k/v (b, t, hkv, d) -> (b, t, hq, d); causal, optionally windowed."""
+        if self.runs_as == "pallas":
+            import pallas_kernels
+
+            # a window as long as the sequence is plain causal attention
+            fn = functools.partial(
+                pallas_kernels.sliding_window_attention, window=window or q.shape[1]
+            )
+            return self._on_mesh(fn, q, k, v, segment_ids=segment_ids)
+        from pallas_kernels import reference
+
+        return reference.causal_attention_reference(q, k, v, window=window, segment_ids=segment_ids)
+
+    def routed(self, q, k, v, route, *, segment_ids=None) -> jax.Array:
+        """Causal attention for queries with ``route`` (b, t) true, exactly zero for others."""
+        if self.runs_as == "pallas":
+            import pallas_kernels
+
+            return self._on_mesh(
+                pallas_kernels.conditional_global_attention, q, k, v, route, segment_ids=segment_ids
+            )
+        from pallas_kernels import reference
+
+        return reference.conditional_global_attention_reference(
+            q, k, v, route, segment_ids=segment_ids
         )
-    return reference.causal_attention_reference(q, k, v, window=window, segment_ids=segment_ids)
+
+    def _on_mesh(self, kernel, q, k, v, *per_token, segment_ids):
+        """``kernel(q, k, v, *per_token, segment_ids=...)``, shard-mapped when there is a mesh.
+        ``per_token`` arrays are (b, t) like ``segment_ids``."""
+        if self.mesh is None:
+            return kernel(q, k, v, *per_token, segment_ids=segment_ids)
+        heads = _head_axes(self.mesh, self.rules, q.shape[2], k.shape[2])
+        batch = self.rules.spec(("batch",), self.mesh, q.shape[:1])[0]
+        qkv = PartitionSpec(batch, None, heads, None)
+        tokens = PartitionSpec(batch, None)
+        extra = (*per_token, segment_ids)
+
+        def local(q, k, v, *extra):
+            *per_token, segment_ids = extra
+            return kernel(q, k, v, *per_token, segment_ids=segment_ids)
+
+        return jax.shard_map(
+            local,
+            mesh=self.mesh,
+            in_specs=(qkv, qkv, qkv, *(None if x is None else tokens for x in extra)),
+            out_specs=qkv,
+            check_vma=False,  # pallas_call carries no varying-manual-axes types
+        )(q, k, v, *extra)
 
 
-def global_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    route: jax.Array,
-    *,
-    segment_ids: jax.Array | None = None,
-    impl: str = "xla",
-) -> jax.Array:
-    """Causal attention for queries with ``route`` (b, t) true, exactly zero for the others."""
-    if resolve_impl(impl, q.shape[-1]) == "pallas":
-        return pallas_kernels.conditional_global_attention(q, k, v, route, segment_ids=segment_ids)
-    return reference.conditional_global_attention_reference(q, k, v, route, segment_ids=segment_ids)
+def _head_axes(mesh: Mesh, rules: ShardingRules, num_heads: int, num_kv_heads: int):
+    """The mesh axes that split heads for the kernels: the same for query and kv heads, so
+    every GQA group stays on one device; a ``ConfigError`` naming sizes that work otherwise."""
+    q_axes = rules.spec(("q_heads",), mesh, (num_heads,))[0]
+    kv_axes = rules.spec(("kv_heads",), mesh, (num_kv_heads,))[0]
+    if q_axes != kv_axes:
+        working = [n for n in range(1, num_kv_heads + 1) if num_kv_heads % n == 0]
+        raise ConfigError(
+            f"mesh axes {q_axes} of size {axis_size(mesh, q_axes)} split the {num_heads} query "
+            f"heads but not the {num_kv_heads} kv heads, so a GQA group would span devices in "
+            f"the attention kernels; use a head-splitting (tensor) size among {working}, or "
+            "attention_impl='xla'"
+        )
+    return q_axes

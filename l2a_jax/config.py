@@ -1,4 +1,6 @@
-"""Model configuration: one frozen dataclass per idea, built from an HF ``config.json``."""
+"""What defines a model: one frozen dataclass per idea (``ModelConfig``, ``RopeConfig``,
+``L2AConfig``), built from an HF ``config.json``. Nothing here imports JAX or a kernel: a
+config can be read, checked and written on any machine."""
 
 from __future__ import annotations
 
@@ -6,12 +8,47 @@ import dataclasses
 import json
 from typing import Any
 
+import numpy as np
+
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
+# ``static`` is a model-level mode only: it resolves to ``full`` or ``swa`` per layer.
+ROUTING_MODES = ("l2a", "full", "swa", "static", "random")
+
+_DTYPE_NAMES = {
+    "float32": "float32",
+    "f32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "f16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+}
 
 
 class ConfigError(ValueError):
     """A configuration that this project cannot run, with the fix in the message."""
+
+
+def resolve_dtype(dtype) -> np.dtype:
+    """A floating parameter dtype from a name (``"bf16"``, ``"bfloat16"``, ``"float32"``, ...)
+    or a dtype object; anything else raises a ``ConfigError`` naming the accepted names."""
+    import ml_dtypes  # numpy alone has no bfloat16
+
+    if isinstance(dtype, str):
+        name = _DTYPE_NAMES.get(dtype.lower())
+        if name is None:
+            raise ConfigError(f"dtype {dtype!r} is unknown; use one of {sorted(set(_DTYPE_NAMES))}")
+        return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError as e:
+        raise ConfigError(f"dtype {dtype!r} is not a dtype; use 'bfloat16' or 'float32'") from e
+    if resolved.name not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"parameters must be float32, bfloat16 or float16; got {resolved.name}")
+    return resolved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,3 +293,103 @@ def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
         )
     kwargs = {k: v for k, v in params.items() if v is not None}
     return RopeConfig(rope_type=rope_type, theta=float(theta), **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class L2AConfig:
+    """Which layers are L2A layers and how they route: everything that defines an L2A model
+    and is saved with it (the ``l2a`` section of its ``config.json``).
+
+    ``layers``: indices of L2A layers (None: every layer); the others keep full attention.
+    ``window``: keys per token in the sliding-window branch, itself included (4095 for Qwen3-8B).
+    ``tau``: router temperature; ``threshold``: route when sigmoid(z / tau) >= threshold.
+    ``mode``: ``l2a`` (learned router), ``full`` (every token global), ``swa`` (none),
+    ``static`` (``static_global_layers`` fully global, the other L2A layers ``swa``), or
+    ``random`` (tokens drawn at random with ``random_densities``, one per L2A layer, in the
+    order of ``layers``).
+    """
+
+    layers: tuple[int, ...] | None = None
+    window: int = 4095
+    tau: float = 0.1
+    threshold: float = 0.5
+    mode: str = "l2a"
+    static_global_layers: tuple[int, ...] = ()
+    random_densities: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        if self.mode not in ROUTING_MODES:
+            raise ConfigError(f"l2a.mode {self.mode!r} is unknown; use one of {ROUTING_MODES}")
+        if not isinstance(self.window, int) or self.window < 1:
+            raise ConfigError(
+                f"l2a.window must be an int >= 1 (keys per token), got {self.window!r}"
+            )
+        if not self.tau > 0:
+            raise ConfigError(f"l2a.tau must be > 0, got {self.tau}")
+        if not 0 < self.threshold < 1:
+            raise ConfigError(f"l2a.threshold must be in (0, 1), got {self.threshold}")
+        if self.mode == "static" and not self.static_global_layers:
+            raise ConfigError(
+                "l2a.mode 'static' needs l2a.static_global_layers: the layers that stay global"
+            )
+        if self.mode != "static" and self.static_global_layers:
+            raise ConfigError("l2a.static_global_layers is only used with l2a.mode 'static'")
+        if self.mode == "random":
+            if not self.random_densities:
+                raise ConfigError(
+                    "l2a.mode 'random' needs l2a.random_densities: one routed fraction per L2A "
+                    "layer (e.g. the per-layer routed fractions of a learned run)"
+                )
+            if any(not 0 <= p <= 1 for p in self.random_densities):
+                raise ConfigError(
+                    f"l2a.random_densities must lie in [0, 1]: {self.random_densities}"
+                )
+        elif self.random_densities:
+            raise ConfigError("l2a.random_densities is only used with l2a.mode 'random'")
+
+    def layer_indices(self, num_layers: int) -> tuple[int, ...]:
+        """The L2A layers of a ``num_layers`` model, checked against every list in the config."""
+        layers = tuple(range(num_layers)) if self.layers is None else tuple(self.layers)
+        bad = [i for i in layers if not 0 <= i < num_layers]
+        if bad or len(set(layers)) != len(layers):
+            raise ConfigError(
+                f"l2a.layers {layers} must be distinct indices in [0, {num_layers}); bad: {bad}"
+            )
+        stray = sorted(set(self.static_global_layers) - set(layers))
+        if stray:
+            raise ConfigError(f"l2a.static_global_layers {stray} are not L2A layers {layers}")
+        if self.mode == "random" and len(self.random_densities) != len(layers):
+            raise ConfigError(
+                f"l2a.random_densities has {len(self.random_densities)} entries; it needs one "
+                f"per L2A layer ({len(layers)})"
+            )
+        return layers
+
+    def layer_modes(self, num_layers: int) -> dict[int, tuple[str, float]]:
+        """Layer index -> (mode, density) for every L2A layer, in the mode vocabulary with
+        ``static`` resolved: ``l2a``, ``full``, ``swa`` or ``random`` (density used by the
+        last alone)."""
+        plan = {}
+        for position, layer in enumerate(self.layer_indices(num_layers)):
+            if self.mode == "random":
+                plan[layer] = ("random", self.random_densities[position])
+            elif self.mode == "static":
+                plan[layer] = ("full" if layer in self.static_global_layers else "swa", 0.0)
+            else:
+                plan[layer] = (self.mode, 0.0)
+        return plan
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> L2AConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown l2a config keys {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        for key in ("layers", "static_global_layers", "random_densities"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        return cls(**d)

@@ -12,13 +12,11 @@ import json
 import re
 from pathlib import Path
 
-import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from l2a_jax.config import ConfigError, ModelConfig
+from l2a_jax.config import ConfigError, L2AConfig, ModelConfig, resolve_dtype
 from l2a_jax.model import QwenModel
-from l2a_jax.routing import L2AConfig
 from l2a_jax.safetensors_io import iter_checkpoint_files
 from l2a_jax.sharding import ShardingRules
 from l2a_jax.weights import (
@@ -148,19 +146,21 @@ def read_hf_config(path: str | Path) -> tuple[Path, ModelConfig, L2AConfig | Non
 
 def from_hf(
     path: str | Path,
-    dtype=jnp.float32,
     *,
+    dtype="float32",
     mesh: Mesh | None = None,
     rules: ShardingRules | None = None,
-    attention_impl: str | None = None,
+    attention_impl: str = "auto",
 ) -> QwenModel:
     """Loads a local HF Qwen2/Qwen2.5/Qwen3 checkpoint directory (or one written by ``to_hf``
     from an L2A model) into a ``QwenModel``.
 
-    Tensors are read one at a time, converted on the host, cast to ``dtype`` and placed on
-    ``mesh`` (sharded by ``rules``) or on the default device. ``attention_impl`` defaults to
-    the saved L2A one, or ``auto`` for a base model.
+    Tensors are read one at a time, converted on the host, cast to ``dtype`` (a dtype or a name:
+    ``"bf16"``, ``"bfloat16"``, ``"float32"``, ...) and placed on ``mesh`` (sharded by
+    ``rules``) or on the default device. ``attention_impl`` and ``mesh`` also fix how the model
+    runs attention (see ``QwenModel``).
     """
+    dtype = resolve_dtype(dtype)  # a bad name fails before any file is read
     directory, cfg, l2a = read_hf_config(path)
 
     def mapper(key: str):
@@ -171,7 +171,13 @@ def from_hf(
 
     return load_weights(
         lambda: QwenModel(
-            cfg, dtype=dtype, attention_impl=attention_impl, l2a=l2a, rngs=nnx.Rngs(0)
+            cfg,
+            dtype=dtype,
+            attention_impl=attention_impl,
+            l2a=l2a,
+            mesh=mesh,
+            rules=rules,
+            rngs=nnx.Rngs(0),
         ),
         iter_checkpoint_files(directory),
         mapper,

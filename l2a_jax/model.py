@@ -12,17 +12,20 @@ Two ways to run a model:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from l2a_jax.attention import causal_attention, global_attention, resolve_impl
-from l2a_jax.config import ModelConfig
+from l2a_jax.attention import AttentionBackend
+from l2a_jax.batch import as_token_ids, check_per_token
+from l2a_jax.config import L2AConfig, ModelConfig, resolve_dtype
 from l2a_jax.rope import apply_rope, rope_cos_sin
-from l2a_jax.routing import L2AConfig, LayerRouting, Routing, layer_routing
+from l2a_jax.routing import RouterStats, Routing, route_tokens
+from l2a_jax.sharding import ShardingRules
 
 _INIT_STD = 0.02
 logger = logging.getLogger(__name__)
@@ -87,9 +90,9 @@ class Attention(nnx.Module):
             out = out + self.bo[...]
         return out
 
-    def __call__(self, x, cos, sin, segment_ids, *, impl: str) -> jax.Array:
+    def __call__(self, x, cos, sin, segment_ids, *, backend: AttentionBackend) -> jax.Array:
         q, k, v = self.project_qkv(x, cos, sin)
-        return self.project_out(causal_attention(q, k, v, segment_ids=segment_ids, impl=impl))
+        return self.project_out(backend.causal(q, k, v, segment_ids=segment_ids))
 
 
 class MLP(nnx.Module):
@@ -113,28 +116,32 @@ class DecoderLayer(nnx.Module):
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, segment_ids, *, impl: str) -> jax.Array:
-        x = x + self.attn(self.input_norm(x), cos, sin, segment_ids, impl=impl)
+    def __call__(self, x, cos, sin, segment_ids, *, backend: AttentionBackend) -> jax.Array:
+        x = x + self.attn(self.input_norm(x), cos, sin, segment_ids, backend=backend)
         return x + self.mlp(self.post_norm(x))
 
 
 class L2ADecoderLayer(nnx.Module):
-    """Sliding-window attention for every token, global attention for routed tokens."""
+    """Sliding-window attention for every token, global attention for routed tokens.
+
+    ``mode`` is this layer's routing (``l2a``, ``full``, ``swa`` or ``random`` with
+    ``density``); ``routing.py`` has the equations."""
 
     def __init__(
         self,
         cfg: ModelConfig,
         l2a: L2AConfig,
         index: int,
-        plan: LayerRouting,
+        mode: str,
+        density: float,
         *,
         dtype,
         rngs: nnx.Rngs,
     ):
         self.l2a = l2a
         self.index = index
-        self.kind = plan.kind
-        self.density = plan.density
+        self.mode = mode
+        self.density = density
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
         self.global_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
@@ -146,90 +153,85 @@ class L2ADecoderLayer(nnx.Module):
     def decide(self, s: jax.Array, routing: Routing):
         """Router logits z (b, t) f32, sigma, the hard route (bool) and the gate d (float)."""
         z = jnp.einsum("btd,d->bt", s, self.router[...], preferred_element_type=jnp.float32)
-        sigma = jax.nn.sigmoid(z / self.l2a.tau)
-        if self.kind == "learned":
-            hard = sigma >= self.l2a.threshold
-        elif self.kind == "random":
-            if routing.rng is None:
-                raise ValueError("routing mode 'random' needs an rng key in Routing(rng=...)")
-            draw = jax.random.uniform(jax.random.fold_in(routing.rng, self.index), z.shape)
-            hard = draw < self.density
-        else:
-            hard = jnp.full(z.shape, self.kind == "all")
-        gate = hard.astype(jnp.float32)
-        if self.kind == "learned" and routing.train:
-            gate = gate + sigma - jax.lax.stop_gradient(sigma)  # straight-through estimator
-        return z, sigma, hard, gate
+        sigma, route, gate = route_tokens(
+            z,
+            mode=self.mode,
+            density=self.density,
+            tau=self.l2a.tau,
+            threshold=self.l2a.threshold,
+            routing=routing,
+            layer_index=self.index,
+        )
+        return z, sigma, route, gate
 
-    def __call__(self, x, cos, sin, segment_ids, *, routing: Routing, impl: str):
-        window = self.l2a.window
+    def __call__(self, x, cos, sin, segment_ids, *, routing: Routing, backend: AttentionBackend):
         q, k, v = self.attn.project_qkv(self.input_norm(x), cos, sin)
-        local = causal_attention(q, k, v, segment_ids=segment_ids, window=window, impl=impl)
+        local = backend.causal(q, k, v, segment_ids=segment_ids, window=self.l2a.window)
         h = x + self.attn.project_out(local)
         s = self.global_norm(h)
-        z, sigma, hard, gate = self.decide(s, routing)
-        if self.kind != "none":
+        z, sigma, route, gate = self.decide(s, routing)
+        if self.mode != "swa":
             q, k, v = self.global_attn.project_qkv(s, cos, sin)
 
             def dense(q, k, v, route):
-                return causal_attention(q, k, v, segment_ids=segment_ids, impl=impl)
+                return backend.causal(q, k, v, segment_ids=segment_ids)
 
             def sparse(q, k, v, route):
-                return global_attention(q, k, v, route, segment_ids=segment_ids, impl=impl)
+                return backend.routed(q, k, v, route, segment_ids=segment_ids)
 
-            if self.kind == "all" or routing.dense is True:
-                heads = dense(q, k, v, hard)
+            if self.mode == "full" or routing.dense is True:
+                heads = dense(q, k, v, route)
             elif routing.dense is False:
-                heads = sparse(q, k, v, hard)
+                heads = sparse(q, k, v, route)
             else:  # a traced coin: both arms in one program, one of them runs
-                heads = jax.lax.cond(routing.dense, dense, sparse, q, k, v, hard)
+                heads = jax.lax.cond(routing.dense, dense, sparse, q, k, v, route)
             gated = (gate[..., None, None] * heads.astype(jnp.float32)).astype(heads.dtype)
             h = h + self.global_attn.project_out(gated)
         elif self.global_attn.cfg.o_bias:
             h = h + self.global_attn.bo[...]  # o_proj_global(0): its bias alone
         y = h + self.mlp(self.post_norm(h))
-        stats = {
-            "routed_fraction": jnp.mean(hard.astype(jnp.float32)),
-            "sigma_sq_sum": jnp.sum(sigma * sigma, axis=1)
-            if self.kind == "learned"
-            else jnp.zeros(z.shape[:1], jnp.float32),
-            "router_logit_mean": jnp.mean(z),
-            "router_logit_std": jnp.std(z),
-            "router_logit_min": jnp.min(z),
-            "router_logit_max": jnp.max(z),
-        }
-        return y, stats
+        return y, RouterStats.of(z, sigma, route, learned=self.mode == "l2a")
 
 
 class QwenModel(nnx.Module):
     """Causal LM: ``model(input_ids, positions=None, segment_ids=None) -> logits (b, t, vocab)``.
 
-    ``positions`` default to 0..t-1 per row. ``segment_ids`` (b, t) int keeps packed documents
-    apart: a token attends only to earlier tokens with the same id. With ``l2a``, the layers it
-    names are ``L2ADecoderLayer``. ``attention_impl`` (``auto``, ``xla``, ``pallas``) defaults to
-    ``l2a.attention_impl`` or ``auto``; given, it also replaces ``l2a.attention_impl``.
+    ``input_ids``: (b, t) integer token ids (a list or NumPy array is fine), checked against the
+    vocabulary when concrete (see ``batch.py`` for what happens inside ``jit``). ``positions``
+    default to 0..t-1 per row. ``segment_ids`` (b, t) int keeps packed documents apart: a token
+    attends only to earlier tokens with the same id. With ``l2a``, the layers it names are
+    ``L2ADecoderLayer``.
+
+    How attention runs is fixed here, when the model is built (``from_hf`` and
+    ``convert_to_l2a`` pass it on): ``attention_impl`` (``auto``, ``xla``, ``pallas``) and the
+    ``mesh`` (with ``rules``) that the kernels are shard-mapped over. Neither is a property of
+    the weights, and neither is saved with them.
     """
 
     def __init__(
         self,
         cfg: ModelConfig,
         *,
-        dtype=jnp.float32,
-        attention_impl: str | None = None,
+        dtype="float32",
+        attention_impl: str = "auto",
         l2a: L2AConfig | None = None,
+        mesh: Mesh | None = None,
+        rules: ShardingRules | None = None,
         rngs: nnx.Rngs,
     ):
-        if l2a is not None and attention_impl is not None:
-            l2a = dataclasses.replace(l2a, attention_impl=attention_impl)
+        dtype = resolve_dtype(dtype)
         self.cfg = cfg
         self.l2a = l2a
-        self.attention_impl = l2a.attention_impl if l2a is not None else attention_impl or "auto"
-        plan = layer_routing(l2a, cfg.num_layers) if l2a is not None else {}
+        self.attention = AttentionBackend(
+            attention_impl, cfg.head_dim, mesh, rules or ShardingRules()
+        )
+        self.attention.check_heads(cfg.num_heads, cfg.num_kv_heads)
+        plan = l2a.layer_modes(cfg.num_layers) if l2a is not None else {}
         self.l2a_layers = tuple(sorted(plan))
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
         self.layers = nnx.List(
             [
-                L2ADecoderLayer(cfg, l2a, i, plan[i], dtype=dtype, rngs=rngs)
+                L2ADecoderLayer(cfg, l2a, i, *plan[i], dtype=dtype, rngs=rngs)
                 if i in plan
                 else DecoderLayer(cfg, dtype=dtype, rngs=rngs)
                 for i in range(cfg.num_layers)
@@ -241,22 +243,33 @@ class QwenModel(nnx.Module):
                 rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype
             )
         logger.info(
-            "model %s: %d layers (%d L2A%s), attention impl %s (runs as %s)",
+            "model %s: %d layers (%d L2A%s), attention impl %s (runs as %s)%s",
             cfg.architecture,
             cfg.num_layers,
             len(plan),
             f", mode {l2a.mode}, window {l2a.window}" if l2a is not None else "",
-            self.attention_impl,
-            resolve_impl(self.attention_impl, cfg.head_dim),
+            attention_impl,
+            self.attention.runs_as,
+            f", on mesh {dict(mesh.shape)}" if mesh is not None else "",
         )
+
+    @property
+    def attention_impl(self) -> str:
+        return self.attention.impl
+
+    @property
+    def mesh(self) -> Mesh | None:
+        return self.attention.mesh
 
     def forward_with_stats(
         self, input_ids, positions=None, segment_ids=None, *, routing: Routing | None = None
-    ) -> tuple[jax.Array, list[dict]]:
-        """Logits (b, t, vocab) float32 and one routing-statistics dict per L2A layer."""
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be (batch, seq); got shape {input_ids.shape}")
+    ) -> tuple[jax.Array, RouterStats | None]:
+        """Logits (b, t, vocab) float32, and the routing statistics of the L2A layers (a
+        leading layer axis) or None for a model without L2A layers."""
+        input_ids = as_token_ids(input_ids, self.cfg.vocab_size)
         b, t = input_ids.shape
+        positions = check_per_token(positions, (b, t), "positions")
+        segment_ids = check_per_token(segment_ids, (b, t), "segment_ids")
         limit = self.cfg.max_position_embeddings
         if t > limit and self.cfg.rope.rope_type != "dynamic":
             raise ValueError(
@@ -269,19 +282,26 @@ class QwenModel(nnx.Module):
         cos, sin = rope_cos_sin(
             self.cfg.rope, self.cfg.head_dim, self.cfg.max_position_embeddings, positions
         )
-        x = jnp.take(self.embed[...], input_ids, axis=0)
+        # ids outside [0, vocab) read NaN rows (negative ids must not wrap around)
+        safe_ids = jnp.where(input_ids < 0, self.cfg.vocab_size, input_ids)
+        x = jnp.take(self.embed[...], safe_ids, axis=0, mode="fill", fill_value=jnp.nan)
+        if self.mesh is not None:  # activations: split by batch, whole along the hidden size
+            rules = self.attention.rules
+            spec = rules.spec(("batch", "seq"), self.mesh, (b, t))
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(*spec, None)))
         stats = []
         for layer in self.layers:
             if isinstance(layer, L2ADecoderLayer):
                 x, layer_stats = layer(
-                    x, cos, sin, segment_ids, routing=routing, impl=self.attention_impl
+                    x, cos, sin, segment_ids, routing=routing, backend=self.attention
                 )
                 stats.append(layer_stats)
             else:
-                x = layer(x, cos, sin, segment_ids, impl=self.attention_impl)
+                x = layer(x, cos, sin, segment_ids, backend=self.attention)
         h = self.final_norm(x)
         head = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
-        return jnp.einsum("btd,dv->btv", h, head, preferred_element_type=jnp.float32), stats
+        logits = jnp.einsum("btd,dv->btv", h, head, preferred_element_type=jnp.float32)
+        return logits, RouterStats.stack(stats)
 
     def __call__(
         self, input_ids, positions=None, segment_ids=None, *, routing: Routing | None = None
@@ -318,7 +338,7 @@ def forward_with_stats(
     segment_ids=None,
     *,
     routing: Routing | None = None,
-) -> tuple[jax.Array, list[dict]]:
-    """Like ``forward``, with the routing statistics of every L2A layer."""
+) -> tuple[jax.Array, RouterStats | None]:
+    """Like ``forward``, with the routing statistics of the L2A layers."""
     model = nnx.merge(graphdef, params)
     return model.forward_with_stats(input_ids, positions, segment_ids, routing=routing)

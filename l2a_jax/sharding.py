@@ -75,6 +75,12 @@ class ShardingRules:
         return NamedSharding(mesh, self.spec(axes, mesh, shape))
 
 
+def axis_size(mesh: Mesh, axes) -> int:
+    """Devices along one PartitionSpec entry: an axis name, a tuple of them, or None."""
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return int(np.prod([mesh.shape[a] for a in names]))
+
+
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
     """A ('data', 'fsdp', 'tensor') mesh over ``devices`` (default: all)."""
     devices = jax.devices() if devices is None else devices
@@ -86,12 +92,18 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Me
     return Mesh(np.asarray(devices).reshape(data, fsdp, tensor), ("data", "fsdp", "tensor"))
 
 
-def param_shardings(state: nnx.State, mesh: Mesh, rules: ShardingRules | None = None):
-    """NamedShardings matching ``state`` (concrete or abstract), from each ``axes`` metadata."""
+def param_shardings(tree, mesh: Mesh, rules: ShardingRules | None = None):
+    """NamedShardings matching ``tree`` (concrete or abstract): every ``nnx.Variable`` by its
+    ``axes`` metadata, any other leaf (a step counter, an rng key) replicated. Works for
+    parameter states and for optimizer states built from them, whose moments are Variables
+    with the same metadata."""
 
     rules = rules or ShardingRules()
+    replicated = NamedSharding(mesh, PartitionSpec())
 
-    def one(var):
-        return rules.sharding(var.get_metadata()["axes"], mesh, tuple(var.shape))
+    def one(leaf):
+        if isinstance(leaf, nnx.Variable):
+            return rules.sharding(leaf.get_metadata()["axes"], mesh, tuple(leaf.shape))
+        return replicated
 
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -1,12 +1,9 @@
 """Model weights on disk <-> model state, streaming one tensor at a time.
 
 ``load_weights`` builds a model abstractly, maps each stored tensor name to a parameter path
-(through the caller's mapper: the HF key table, or identity for our own format), converts it on
-the host, and places it on the default device or a sharding. Every unmapped, unexpected,
-duplicate, mis-shaped or missing tensor is collected and reported in one ``CheckpointError``.
-
-Our own format (``save_model`` / ``load_model``): ``l2a_jax.json`` (model and L2A config) and
-safetensors named by parameter path, in our layout.
+(through the caller's mapper: the HF key table), converts it on the host, and places it on the
+default device or a sharding. Every unmapped, unexpected, duplicate, mis-shaped or missing
+tensor is collected and reported in one ``CheckpointError``.
 """
 
 from __future__ import annotations
@@ -22,18 +19,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from l2a_jax.config import ConfigError, ModelConfig
-from l2a_jax.model import QwenModel
-from l2a_jax.routing import L2AConfig
-from l2a_jax.safetensors_io import (
-    SafetensorsError,
-    SafetensorsFile,
-    iter_checkpoint_files,
-    write_safetensors,
-)
+from l2a_jax.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
 from l2a_jax.sharding import ShardingRules
-
-OUR_CONFIG = "l2a_jax.json"
 
 
 class CheckpointError(ValueError):
@@ -179,54 +166,3 @@ def write_weights(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
         )
     return save_dtype
-
-
-def save_model(model: QwenModel, out_dir: str | Path, *, dtype=None) -> Path:
-    """Our own format: every parameter under its path, in our layout, plus ``l2a_jax.json``."""
-    out = Path(out_dir)
-    entries = [(path, SAME, var) for path, var in model_parameters(model)]
-    save_dtype = write_weights(out, entries, dtype=dtype)
-    config = {
-        "format": "l2a-jax",
-        "model": model.cfg.to_hf_dict(),
-        "l2a": model.l2a.to_dict() if model.l2a is not None else None,
-        "dtype": save_dtype.name,
-    }
-    (out / OUR_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-    return out
-
-
-def load_model(
-    path: str | Path,
-    dtype=jnp.float32,
-    *,
-    mesh: Mesh | None = None,
-    rules: ShardingRules | None = None,
-    attention_impl: str | None = None,
-) -> QwenModel:
-    """Loads a directory written by ``save_model``. ``attention_impl`` overrides the saved
-    L2A one (default: the saved one, or ``auto`` for a base model)."""
-    directory = Path(path)
-    config_file = directory / OUR_CONFIG
-    if not config_file.exists():
-        raise FileNotFoundError(
-            f"{directory} has no {OUR_CONFIG}: not a model saved by save_model "
-            "(an HF checkpoint loads with from_hf)"
-        )
-    try:
-        config = json.loads(config_file.read_text())
-        cfg = ModelConfig.from_hf_dict(config["model"])
-        l2a = L2AConfig.from_dict(config["l2a"]) if config.get("l2a") else None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ConfigError(f"{config_file} is corrupt: {e!r}") from e
-    return load_weights(
-        lambda: QwenModel(
-            cfg, dtype=dtype, attention_impl=attention_impl, l2a=l2a, rngs=nnx.Rngs(0)
-        ),
-        iter_checkpoint_files(directory),
-        lambda key: (key, SAME),
-        lambda path: path,
-        description=f"model directory {directory} does not match its {OUR_CONFIG}",
-        mesh=mesh,
-        rules=rules,
-    )

@@ -1,20 +1,28 @@
-"""Attention kernels for L2A: Pallas (Triton lowering) with pure-jnp references."""
+"""Attention kernels for L2A: Pallas (Triton lowering) with pure-jnp references.
 
-from pallas_kernels.attention import conditional_global_attention, sliding_window_attention
-from pallas_kernels.blocks import AttentionBlocks, BlockConfig, default_blocks
-from pallas_kernels.reference import (
-    causal_attention_reference,
-    conditional_global_attention_reference,
-    sliding_window_attention_reference,
-)
+Names are resolved on first use, so ``pallas_kernels.reference`` and ``pallas_kernels.blocks``
+import without loading the Pallas Triton backend.
+"""
 
-__all__ = [
-    "AttentionBlocks",
-    "BlockConfig",
-    "causal_attention_reference",
-    "conditional_global_attention",
-    "conditional_global_attention_reference",
-    "default_blocks",
-    "sliding_window_attention",
-    "sliding_window_attention_reference",
-]
+import importlib
+
+_EXPORTS = {
+    "conditional_global_attention": "attention",
+    "sliding_window_attention": "attention",
+    "AttentionBlocks": "blocks",
+    "BlockConfig": "blocks",
+    "default_blocks": "blocks",
+    "causal_attention_reference": "reference",
+    "conditional_global_attention_reference": "reference",
+    "sliding_window_attention_reference": "reference",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pallas_kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"pallas_kernels.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

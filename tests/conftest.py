@@ -1,7 +1,7 @@
 import os
 
 # Several virtual CPU devices so sharding tests run without a GPU; set before JAX starts.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 if "JAX_PLATFORMS" not in os.environ and not os.path.exists("/dev/nvidia0"):
     os.environ["JAX_PLATFORMS"] = "cpu"
 

@@ -1,8 +1,6 @@
 """The L2A layer: construction, routing modes, straight-through gradients, kernels, training,
 saving and loading."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,20 +8,19 @@ import pytest
 from flax import nnx
 from hf_models import build_hf_model, save_hf_model
 
-from l2a_jax import (
-    ConfigError,
-    L2AConfig,
-    Routing,
-    convert_to_l2a,
-    from_hf,
-    load_model,
-    save_model,
-    to_hf,
-)
+from l2a_jax import Batch, ConfigError, L2AConfig, Routing, convert_to_l2a, from_hf, to_hf
+from l2a_jax.attention import AttentionBackend
 from l2a_jax.model import L2ADecoderLayer
 from l2a_jax.rope import rope_cos_sin
-from l2a_jax.routing import sparsity_loss, sparsity_weight
-from l2a_jax.train import OptimConfig, make_trainer
+from l2a_jax.training import (
+    TrainConfig,
+    flat_metrics,
+    init_state,
+    jit_train_step,
+    sparsity_loss,
+    sparsity_weight,
+    trained_model,
+)
 
 SEQ = 40
 
@@ -44,6 +41,9 @@ def qwen3(base_models):
     return base_models["qwen3_bias_yarn_factor"]
 
 
+XLA = AttentionBackend("xla", head_dim=16)
+
+
 def tokens(rng, batch=2, seq=SEQ):
     return jnp.asarray(rng.integers(0, 101, (batch, seq)))
 
@@ -61,7 +61,7 @@ def layer_inputs(model, rng, seq=SEQ):
 
 
 def test_zero_router_routes_every_token_and_branches_start_from_base(qwen3, rng):
-    model = convert_to_l2a(qwen3, L2AConfig(window=8, attention_impl="xla"))
+    model = convert_to_l2a(qwen3, L2AConfig(window=8))
     assert model.l2a_layers == (0, 1)
     for base, layer in zip(qwen3.layers, model.layers, strict=True):
         assert not np.asarray(layer.router[...]).any()
@@ -70,7 +70,7 @@ def test_zero_router_routes_every_token_and_branches_start_from_base(qwen3, rng)
         np.testing.assert_array_equal(layer.global_attn.bo[...], base.attn.bo[...])
         np.testing.assert_array_equal(layer.global_norm.weight[...], base.input_norm.weight[...])
     _, stats = model.forward_with_stats(tokens(rng))
-    assert [float(s["routed_fraction"]) for s in stats] == [1.0, 1.0]
+    assert stats.routed_fraction.tolist() == [1.0, 1.0]
     # sigma = 0.5 everywhere: the regulariser is 0.25 per token
     np.testing.assert_allclose(sparsity_loss(stats), 0.25 * SEQ, rtol=1e-6)
 
@@ -79,11 +79,11 @@ def test_zero_router_routes_every_token_and_branches_start_from_base(qwen3, rng)
 def test_router_forced_to_skip_equals_swa_only_path(base_models, name, rng):
     base = base_models[name]
     # sigma = 0.5 < threshold 0.9 for every token: the learned router skips them all
-    skip_all = convert_to_l2a(base, L2AConfig(window=8, threshold=0.9, attention_impl="xla"))
-    swa = convert_to_l2a(base, L2AConfig(window=8, mode="swa", attention_impl="xla"))
+    skip_all = convert_to_l2a(base, L2AConfig(window=8, threshold=0.9))
+    swa = convert_to_l2a(base, L2AConfig(window=8, mode="swa"))
     ids = tokens(rng)
     logits, stats = skip_all.forward_with_stats(ids)
-    assert [float(s["routed_fraction"]) for s in stats] == [0.0, 0.0]
+    assert stats.routed_fraction.tolist() == [0.0, 0.0]
     np.testing.assert_array_equal(logits, swa(ids))
     # and the SWA-only layer is exactly: window branch, (o_proj bias), MLP
     layer = l2a_layers(swa)[0]
@@ -95,13 +95,13 @@ def test_router_forced_to_skip_equals_swa_only_path(base_models, name, rng):
     if base.cfg.o_bias:
         h = h + layer.global_attn.bo[...]
     want = h + layer.mlp(layer.post_norm(h))
-    got, _ = layer(x, cos, sin, None, routing=Routing(), impl="xla")
+    got, _ = layer(x, cos, sin, None, routing=Routing(), backend=XLA)
     np.testing.assert_array_equal(got, want)
 
 
 def test_full_window_and_all_routed_equals_hand_computed_layer(qwen3, rng):
     """window >= T: the window branch is full causal attention; every token routed."""
-    model = convert_to_l2a(qwen3, L2AConfig(window=SEQ + 5, attention_impl="xla"))
+    model = convert_to_l2a(qwen3, L2AConfig(window=SEQ + 5))
     layer = l2a_layers(model)[0]
     x, cos, sin = layer_inputs(model, rng)
 
@@ -135,8 +135,8 @@ def test_full_window_and_all_routed_equals_hand_computed_layer(qwen3, rng):
     mlp = layer.mlp
     hn = rms(h, layer.post_norm.weight[...])
     want = h + (jax.nn.silu(hn @ mlp.w_gate[...]) * (hn @ mlp.w_up[...])) @ mlp.w_down[...]
-    got, stats = layer(x, cos, sin, None, routing=Routing(), impl="xla")
-    assert float(stats["routed_fraction"]) == 1.0
+    got, stats = layer(x, cos, sin, None, routing=Routing(), backend=XLA)
+    assert float(stats.routed_fraction) == 1.0
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
@@ -157,7 +157,7 @@ def layer_loss_fn(layer, x, cos, sin, weights, routing, token_mask=None):
 
     def loss(router):
         state["router"] = state["router"].replace(router)
-        y, _ = nnx.merge(graphdef, state)(x, cos, sin, None, routing=routing, impl="xla")
+        y, _ = nnx.merge(graphdef, state)(x, cos, sin, None, routing=routing, backend=XLA)
         mask = 1.0 if token_mask is None else token_mask[..., None]
         return jnp.sum(y * weights * mask)
 
@@ -165,7 +165,7 @@ def layer_loss_fn(layer, x, cos, sin, weights, routing, token_mask=None):
 
 
 def test_straight_through_gradient_matches_finite_difference_of_soft_surrogate(qwen3, rng):
-    model = random_router(convert_to_l2a(qwen3, L2AConfig(window=8, attention_impl="xla")), rng)
+    model = random_router(convert_to_l2a(qwen3, L2AConfig(window=8)), rng)
     layer = l2a_layers(model)[0]
     x, cos, sin = layer_inputs(model, rng)
     weights = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
@@ -231,7 +231,7 @@ def _window_heads(layer, x, cos, sin):
 
 
 def test_skipped_tokens_get_router_gradient_only_on_dense_steps(qwen3, rng):
-    model = random_router(convert_to_l2a(qwen3, L2AConfig(window=8, attention_impl="xla")), rng)
+    model = random_router(convert_to_l2a(qwen3, L2AConfig(window=8)), rng)
     layer = l2a_layers(model)[0]
     x, cos, sin = layer_inputs(model, rng)
     weights = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
@@ -266,19 +266,16 @@ def test_routing_modes_share_one_forward(qwen3, rng):
         L2AConfig(window=8, layers=(1,)): [1.0],
     }
     for cfg, want in cases.items():
-        model = convert_to_l2a(qwen3, dataclasses.replace(cfg, attention_impl="xla"))
-        _, stats = model.forward_with_stats(ids)
-        assert [float(s["routed_fraction"]) for s in stats] == want, cfg
-    rand = convert_to_l2a(
-        qwen3, L2AConfig(window=8, mode="random", random_densities=(0.2, 0.7), attention_impl="xla")
-    )
+        _, stats = convert_to_l2a(qwen3, cfg).forward_with_stats(ids)
+        assert stats.routed_fraction.tolist() == want, cfg
+    rand = convert_to_l2a(qwen3, L2AConfig(window=8, mode="random", random_densities=(0.2, 0.7)))
     _, stats = rand.forward_with_stats(tokens(rng, 8, 64), routing=Routing(rng=jax.random.key(3)))
-    np.testing.assert_allclose([float(s["routed_fraction"]) for s in stats], [0.2, 0.7], atol=0.06)
+    np.testing.assert_allclose(stats.routed_fraction, [0.2, 0.7], atol=0.06)
     with pytest.raises(ValueError, match="needs an rng key"):
         rand(ids)
     # full routing and the static-global layer agree with the learned layer at init (all routed)
-    learned = convert_to_l2a(qwen3, L2AConfig(window=8, attention_impl="xla"))(ids)
-    full = convert_to_l2a(qwen3, L2AConfig(window=8, mode="full", attention_impl="xla"))(ids)
+    learned = convert_to_l2a(qwen3, L2AConfig(window=8))(ids)
+    full = convert_to_l2a(qwen3, L2AConfig(window=8, mode="full"))(ids)
     np.testing.assert_allclose(learned, full, atol=1e-6, rtol=0)
 
 
@@ -292,7 +289,6 @@ def test_routing_modes_share_one_forward(qwen3, rng):
         (dict(tau=0.0), "tau must be > 0"),
         (dict(threshold=1.0), "threshold must be in"),
         (dict(static_global_layers=(0,)), "only used with l2a.mode 'static'"),
-        (dict(attention_impl="cuda"), "attention_impl 'cuda' is unknown"),
     ],
 )
 def test_invalid_l2a_configs(kwargs, match):
@@ -329,18 +325,16 @@ def test_sparsity_weight_schedule():
 def test_kernel_path_matches_reference_path(qwen3, rng):
     """Pallas kernels (interpret mode on CPU, native on a GPU) against the jnp references:
     logits, and gradients of every trainable parameter on a sparse and on a dense step."""
-    cfg = L2AConfig(window=7, attention_impl="xla")
+    cfg = L2AConfig(window=7)
     ref_model = random_router(convert_to_l2a(qwen3, cfg), rng, scale=1.0)
     graphdef, state = nnx.split(ref_model)
-    kernel_graph, _ = nnx.split(
-        convert_to_l2a(qwen3, dataclasses.replace(cfg, attention_impl="pallas"))
-    )
+    kernel_graph, _ = nnx.split(convert_to_l2a(qwen3, cfg, attention_impl="pallas"))
     kernel_model = nnx.merge(kernel_graph, state)
     ids = tokens(rng, seq=37)
     segment_ids = jnp.asarray(np.repeat([[1] * 20 + [2] * 17], 2, axis=0))
     ref_logits, ref_stats = ref_model.forward_with_stats(ids, segment_ids=segment_ids)
     ker_logits, _ = kernel_model.forward_with_stats(ids, segment_ids=segment_ids)
-    assert 0 < float(ref_stats[0]["routed_fraction"]) < 1
+    assert 0 < float(ref_stats.routed_fraction[0]) < 1
     np.testing.assert_allclose(ker_logits, ref_logits, atol=1e-4, rtol=0)
     for dense in (False, True):
 
@@ -355,29 +349,27 @@ def test_kernel_path_matches_reference_path(qwen3, rng):
 
 
 def train(model, batch, *, sparsity, steps=14):
-    trainer = make_trainer(
-        model,
-        OptimConfig(
-            learning_rate=3e-3,
-            warmup_steps=1,
-            total_steps=40,
-            sparsity_weight=sparsity,
-            sparsity_warmup_steps=2,
-        ),
+    cfg = TrainConfig(
+        learning_rate=3e-3,
+        warmup_steps=1,
+        total_steps=40,
+        sparsity_weight=sparsity,
+        sparsity_warmup_steps=2,
     )
-    state = trainer.init(seed=0)
+    graphdef, state, frozen = init_state(model, cfg)
+    step = jit_train_step(model, cfg, state, frozen)
     history = []
     for _ in range(steps):
-        state, metrics = trainer.step(state, batch)
-        history.append({k: float(v) for k, v in metrics.items()})
-    assert trainer.step._cache_size() == 1, "dense and sparse steps must share one program"
-    return trainer.model(state), history
+        state, metrics = step(state, frozen, batch)
+        history.append(flat_metrics(metrics, model.l2a_layers))
+    assert step._cache_size() == 1, "dense and sparse steps must share one program"
+    return trained_model(graphdef, state, frozen), history
 
 
 @pytest.mark.parametrize("name", ["qwen3_bias_yarn_factor", "qwen2_linear_gqa2"])
 def test_tiny_l2a_model_trains_and_router_sparsifies(base_models, name, rng):
-    model = convert_to_l2a(base_models[name], L2AConfig(window=8, attention_impl="xla"))
-    batch = {"input_ids": tokens(rng, 4, 48)}
+    model = convert_to_l2a(base_models[name], L2AConfig(window=8))
+    batch = Batch.of(tokens(rng, 4, 48))
     trained, history = train(model, batch, sparsity=0.1)
     _, unregularised = train(model, batch, sparsity=0.0)
     assert history[0]["routed_fraction"] == 1.0
@@ -385,32 +377,26 @@ def test_tiny_l2a_model_trains_and_router_sparsifies(base_models, name, rng):
     assert history[-1]["routed_fraction"] < 0.8
     assert history[-1]["routed_fraction"] < unregularised[-1]["routed_fraction"] - 0.1
     assert any(h["dense_step"] for h in history + unregularised)
-    assert {"layer0/routed_fraction", "layer1/router_logit_std", "sparsity_loss"} <= set(
-        history[-1]
-    )
+    assert {"layer0/routed_fraction", "layer1/logit_std", "sparsity_loss"} <= set(history[-1])
     # frozen parts did not move, trainable parts did
     np.testing.assert_array_equal(trained.layers[0].mlp.w_up[...], model.layers[0].mlp.w_up[...])
     np.testing.assert_array_equal(trained.embed[...], model.embed[...])
     assert np.abs(np.asarray(trained.layers[0].router[...])).max() > 0
 
 
-@pytest.mark.parametrize("fmt", ["ours", "hf"])
-def test_l2a_model_saves_and_loads(qwen3, fmt, tmp_path, rng):
-    model = random_router(
-        convert_to_l2a(qwen3, L2AConfig(layers=(1,), window=8, attention_impl="xla")),
-        rng,
-        scale=1.0,
-    )
-    if fmt == "ours":
-        loaded = load_model(save_model(model, tmp_path / "m"))
-    else:
-        loaded = from_hf(to_hf(model, tmp_path / "m"), attention_impl="xla")
+def test_l2a_model_saves_and_loads_as_an_hf_style_directory(qwen3, tmp_path, rng):
+    import json
+
+    model = random_router(convert_to_l2a(qwen3, L2AConfig(layers=(1,), window=8)), rng, scale=1.0)
+    out = to_hf(model, tmp_path / "m")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["L2AQwen3ForCausalLM"]
+    assert config["l2a"]["window"] == 8
+    # how attention runs is chosen where the model is loaded, never saved with the weights
+    assert "attention_impl" not in config["l2a"] and "dense_step_prob" not in config["l2a"]
+    loaded = from_hf(out, attention_impl="xla")
     assert loaded.l2a == model.l2a and loaded.l2a_layers == (1,)
-    if fmt == "ours":
-        again = load_model(tmp_path / "m", attention_impl="pallas")
-    else:
-        again = from_hf(tmp_path / "m", attention_impl="pallas")
-    assert again.attention_impl == again.l2a.attention_impl == "pallas"
+    assert from_hf(out, attention_impl="pallas").attention_impl == "pallas"
     ids = tokens(rng)
     np.testing.assert_array_equal(loaded(ids), model(ids))
     # the saved parameters keep their logical sharding names
@@ -418,21 +404,15 @@ def test_l2a_model_saves_and_loads(qwen3, fmt, tmp_path, rng):
     assert dict(router)[("layers", 1, "router")].get_metadata()["axes"] == ("embed",)
 
 
-def test_hf_style_l2a_directory_names_its_architecture(qwen3, tmp_path):
-    import json
-
-    model = convert_to_l2a(qwen3, L2AConfig(window=8, attention_impl="xla"))
-    out = to_hf(model, tmp_path / "m")
-    config = json.loads((out / "config.json").read_text())
-    assert config["architectures"] == ["L2AQwen3ForCausalLM"]
-    assert config["l2a"]["window"] == 8
-    with pytest.raises(FileNotFoundError, match="not a model saved by save_model"):
-        load_model(out)
+def test_conversion_keeps_or_replaces_the_attention_implementation(qwen3):
+    assert convert_to_l2a(qwen3, L2AConfig(window=8)).attention_impl == "xla"
+    pallas = convert_to_l2a(qwen3, L2AConfig(window=8), attention_impl="pallas")
+    assert pallas.attention_impl == "pallas"
 
 
 def test_attention_implementation_is_logged(qwen3, caplog):
     with caplog.at_level("INFO", logger="l2a_jax.model"):
-        convert_to_l2a(qwen3, L2AConfig(window=8, attention_impl="pallas"))
+        convert_to_l2a(qwen3, L2AConfig(window=8), attention_impl="pallas")
     assert "attention impl pallas (runs as pallas)" in caplog.text
     assert "2 L2A, mode l2a, window 8" in caplog.text
 
@@ -444,5 +424,5 @@ def test_auto_attention_falls_back_to_reference_where_kernels_cannot_run():
     assert resolve_impl("auto", 128) == ("pallas" if on_gpu else "xla")
     assert resolve_impl("auto", 24) == "xla"  # head dims the kernels do not support
     assert resolve_impl("pallas", 24) == "pallas"  # explicit: the kernel raises its own error
-    with pytest.raises(ValueError, match="attention impl 'cuda' is unknown"):
+    with pytest.raises(ConfigError, match="attention impl 'cuda' is unknown"):
         resolve_impl("cuda", 128)

@@ -22,13 +22,13 @@ def test_every_parameter_names_its_logical_axes(tmp_path):
 
 def test_sharded_load_and_jitted_forward_match_unsharded(tmp_path, rng):
     path = save_hf_model(build_hf_model("qwen2_linear_gqa2"), tmp_path / "hf")
-    mesh = make_mesh(data=2, tensor=2)
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
     rules = ShardingRules()
-    sharded = from_hf(path, mesh=mesh, rules=rules)
+    sharded = from_hf(path, mesh=mesh, rules=rules, attention_impl="xla")
     graphdef, params = split_model(sharded)
     wq = params["layers"][0]["attn"]["wq"][...]
-    assert wq.sharding.spec == PartitionSpec(None, "tensor", None)
-    assert len(wq.addressable_shards) == 4 and wq.addressable_shards[0].data.shape[1] == 2
+    assert wq.sharding.spec == PartitionSpec("fsdp", "tensor", None)
+    assert len(wq.addressable_shards) == 8 and wq.addressable_shards[0].data.shape[:2] == (32, 2)
 
     ids = jnp.asarray(rng.integers(0, 101, (4, 24)))
     data_sharding = NamedSharding(mesh, rules.spec(("batch", "seq"), mesh))
@@ -44,8 +44,8 @@ def test_sharded_load_and_jitted_forward_match_unsharded(tmp_path, rng):
 
 
 def test_indivisible_dimension_stays_replicated():
-    mesh = make_mesh(tensor=4)
-    # 7 kv heads cannot split 4 ways
+    mesh = make_mesh(tensor=8)
+    # 7 kv heads cannot split 8 ways
     assert ShardingRules().spec(
         ("embed", "kv_heads", "head_dim"), mesh, (56, 7, 8)
     ) == PartitionSpec(None, None, None)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from l2a_jax.config import L2AConfig
 from l2a_jax.model import QwenModel
-from l2a_jax.routing import L2AConfig
 
 # parameters of an L2A layer that are initialised from another parameter of the base layer
 _FROM_BASE = {"global_attn": "attn", "global_norm": "input_norm"}
@@ -18,8 +19,11 @@ def _base_path(path: tuple) -> tuple:
     return path
 
 
-def convert_to_l2a(model: QwenModel, l2a: L2AConfig) -> QwenModel:
-    """An L2A model built from ``model`` (which is left unchanged).
+def convert_to_l2a(
+    model: QwenModel, l2a: L2AConfig, *, attention_impl: str | None = None
+) -> QwenModel:
+    """An L2A model built from ``model`` (which is left unchanged). It runs attention as
+    ``model`` does (implementation, mesh and rules) unless ``attention_impl`` names another.
 
     In each L2A layer both the window branch and the global branch start from the base
     layer's attention weights (q/k/v/o, biases, q/k norms), ``RMSNorm_global`` starts from the
@@ -31,7 +35,18 @@ def convert_to_l2a(model: QwenModel, l2a: L2AConfig) -> QwenModel:
     if model.l2a is not None:
         raise ValueError("the model is already an L2A model; convert its base model instead")
     dtype = model.embed[...].dtype
-    abstract = nnx.eval_shape(lambda: QwenModel(model.cfg, dtype=dtype, l2a=l2a, rngs=nnx.Rngs(0)))
+    backend = model.attention
+    abstract = nnx.eval_shape(
+        lambda: QwenModel(
+            model.cfg,
+            dtype=dtype,
+            attention_impl=attention_impl or backend.impl,
+            l2a=l2a,
+            mesh=backend.mesh,
+            rules=backend.rules,
+            rngs=nnx.Rngs(0),
+        )
+    )
     graphdef, abstract_state = nnx.split(abstract)
     _, base_state = nnx.split(model)
     base = dict(nnx.to_flat_state(base_state))
@@ -39,7 +54,15 @@ def convert_to_l2a(model: QwenModel, l2a: L2AConfig) -> QwenModel:
     for path, var in nnx.to_flat_state(abstract_state):
         if path[2:] == ("router",):  # ("layers", i, "router"): only L2A layers have one
             value = jnp.zeros(var.shape, var.dtype)
+            if backend.mesh is not None:
+                axes = var.get_metadata()["axes"]
+                value = jax.device_put(value, backend.rules.sharding(axes, backend.mesh))
         else:
-            value = base[_base_path(path)][...]
+            source = _base_path(path)
+            value = base[source][...]
+            if source != path:
+                # a copy, not the base array itself: the two branches train apart, and a
+                # training step that donates its state must not meet one buffer twice
+                value = jax.device_put(value, may_alias=False)
         flat.append((path, var.replace(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -1,0 +1,204 @@
+"""One training step as a pure function of its inputs, and its jitted, sharded form.
+
+As released for L2A: attention (both branches), every norm and the routers train; MLPs,
+embeddings and the LM head stay frozen. The frozen weights are an argument of the step, never
+a constant baked into the compiled program, and the ``TrainState`` (step, trainable parameters,
+optimizer state, rng) is the one pytree a checkpoint saves. A step's dense-global coin and its
+random-route key are drawn inside the step from its own key, so one compiled program serves
+every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from l2a_jax.batch import Batch
+from l2a_jax.config import ConfigError
+from l2a_jax.model import QwenModel
+from l2a_jax.routing import RouterStats, Routing
+from l2a_jax.sharding import axis_size, param_shardings
+from l2a_jax.training.loss import RAMPS, next_token_loss, sparsity_loss, sparsity_weight
+
+TRAINABLE = (
+    "attn",
+    "global_attn",
+    "router",
+    "input_norm",
+    "post_norm",
+    "global_norm",
+    "final_norm",
+)
+TRAINABLE_PARAMS = nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(n) for n in TRAINABLE)))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """AdamW with linear warm-up then cosine decay, global-norm clipping, the sparsity weight
+    schedule (zero through ``sparsity_warmup_steps``, then ramped to ``sparsity_weight`` at
+    ``total_steps``), and ``dense_step_prob``: the probability that a step runs the global
+    branch over every token."""
+
+    learning_rate: float = 5e-5
+    warmup_steps: int = 209
+    total_steps: int = 3973
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    sparsity_weight: float = 1e-8
+    sparsity_warmup_steps: int = 209
+    sparsity_ramp: str = "linear"
+    dense_step_prob: float = 0.1
+
+    def __post_init__(self):
+        if self.total_steps <= max(self.warmup_steps, self.sparsity_warmup_steps):
+            raise ConfigError(
+                f"total_steps ({self.total_steps}) must exceed warmup_steps "
+                f"({self.warmup_steps}) and sparsity_warmup_steps ({self.sparsity_warmup_steps})"
+            )
+        if self.sparsity_ramp not in RAMPS:
+            raise ConfigError(
+                f"sparsity_ramp {self.sparsity_ramp!r} is unknown; use one of {RAMPS}"
+            )
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.dense_step_prob <= 1:
+            raise ConfigError(f"dense_step_prob must be in [0, 1], got {self.dense_step_prob}")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Everything a run needs to continue: what a checkpoint saves."""
+
+    step: jax.Array
+    params: nnx.State  # the trainable parameters
+    opt_state: Any
+    rng: jax.Array
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.learning_rate, max(cfg.warmup_steps, 1), cfg.total_steps
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(schedule, weight_decay=cfg.weight_decay),
+    )
+
+
+def init_state(model: QwenModel, cfg: TrainConfig, *, seed: int = 0):
+    """(graphdef, state, frozen): the model's structure, its initial ``TrainState`` and the
+    frozen weights, which every step takes as an argument. The state holds copies of the
+    trainable parameters (a step donates its state), so ``model`` stays usable; the frozen
+    weights are the model's own arrays."""
+    graphdef, params, frozen = nnx.split(model, TRAINABLE_PARAMS, ...)
+    params = jax.tree.map(lambda x: jax.device_put(x, may_alias=False), params)
+    state = TrainState(
+        jnp.zeros((), jnp.int32), params, make_optimizer(cfg).init(params), jax.random.key(seed)
+    )
+    return graphdef, state, frozen
+
+
+def train_step(
+    graphdef: nnx.GraphDef, cfg: TrainConfig, state: TrainState, frozen: nnx.State, batch: Batch
+) -> tuple[TrainState, dict]:
+    """One optimizer step; pure. Metrics: ``loss``, ``cross_entropy``, ``sparsity_loss``,
+    ``sparsity_weight``, ``dense_step``, ``grad_norm``, ``routed_fraction`` (mean over L2A
+    layers) and ``router`` (``RouterStats`` per L2A layer; absent without L2A layers)."""
+    rng, coin_key, route_key = jax.random.split(state.rng, 3)
+    dense = jax.random.bernoulli(coin_key, cfg.dense_step_prob)
+    routing = Routing(train=True, dense=dense, rng=route_key)
+    lam = sparsity_weight(
+        state.step,
+        weight=cfg.sparsity_weight,
+        warmup_steps=cfg.sparsity_warmup_steps,
+        total_steps=cfg.total_steps,
+        ramp=cfg.sparsity_ramp,
+    )
+
+    def loss_fn(params):
+        logits, stats = nnx.merge(graphdef, params, frozen).forward_with_stats(
+            batch.input_ids, batch.positions, batch.segment_ids, routing=routing
+        )
+        ce = next_token_loss(logits, batch.input_ids, batch.loss_mask)
+        reg = sparsity_loss(stats)
+        return ce + lam * reg, (ce, reg, stats)
+
+    (loss, (ce, reg, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = make_optimizer(cfg).update(grads, state.opt_state, state.params)
+    metrics = {
+        "loss": loss,
+        "cross_entropy": ce,
+        "sparsity_loss": reg,
+        "sparsity_weight": lam,
+        "dense_step": dense,
+        "grad_norm": optax.tree.norm(grads),
+    }
+    if stats is not None:
+        metrics["routed_fraction"] = jnp.mean(stats.routed_fraction)
+        metrics["router"] = stats
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(state.step + 1, params, opt_state, rng), metrics
+
+
+def jit_train_step(
+    model: QwenModel, cfg: TrainConfig, state: TrainState, frozen: nnx.State
+) -> Callable[[TrainState, nnx.State, Batch], tuple[TrainState, dict]]:
+    """``train_step`` jitted for ``model``'s mesh: state and frozen weights placed by their
+    logical axes, the batch split over the data axes, metrics replicated, and the incoming
+    state donated (its buffers hold the next state; do not read it after the call).
+
+    ``state`` and ``frozen`` (concrete or abstract) give the shapes the shardings are derived
+    from. Without a mesh the step runs where its inputs are, donated all the same."""
+    graphdef = nnx.graphdef(model)
+    step = jax.tree_util.Partial(train_step, graphdef, cfg)
+    mesh, rules = model.mesh, model.attention.rules
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    state_sharding = param_shardings(state, mesh, rules)
+    tokens = NamedSharding(mesh, rules.spec(("batch", "seq"), mesh))
+    batch_parts = axis_size(mesh, tokens.spec[0])
+    jitted = jax.jit(
+        step,
+        in_shardings=(state_sharding, param_shardings(frozen, mesh, rules), tokens),
+        out_shardings=(state_sharding, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=0,
+    )
+
+    def sharded_step(state, frozen, batch: Batch):
+        if batch.shape[0] % batch_parts:
+            raise ValueError(
+                f"batch size {batch.shape[0]} does not split over the mesh's {batch_parts} "
+                f"data-parallel devices ({dict(mesh.shape)}); use a multiple of {batch_parts}"
+            )
+        return jitted(state, frozen, batch)
+
+    return sharded_step
+
+
+def trained_model(graphdef: nnx.GraphDef, state: TrainState, frozen: nnx.State) -> QwenModel:
+    """The model with the state's trainable parameters."""
+    return nnx.merge(graphdef, state.params, frozen)
+
+
+def flat_metrics(metrics: dict, layers: tuple[int, ...]) -> dict[str, float]:
+    """Metrics as name -> float for logs: per-layer router statistics become
+    ``layer{i}/routed_fraction``, ``layer{i}/logit_std``, ..."""
+    out = {k: float(v) for k, v in metrics.items() if k != "router"}
+    router: RouterStats | None = metrics.get("router")
+    if router is not None:
+        for field in dataclasses.fields(router):
+            if field.name == "sigma_sq_sum":
+                continue
+            values = np.asarray(getattr(router, field.name))
+            for index, value in zip(layers, values, strict=True):
+                out[f"layer{index}/{field.name}"] = float(value)
+    return out
