@@ -7,8 +7,9 @@ sequences (a token attends only to earlier tokens with the same id); ``loss_mask
 1 where the token is a prediction target. Only ``input_ids`` is required.
 
 Ids are checked against the vocabulary whenever they are concrete (eager calls, data, prompts).
-Inside ``jax.jit`` they cannot be: there an id outside [0, vocab) makes that token's logits NaN
-(never a silent wrap to another token), so a bad batch shows up in the loss.
+Inside ``jax.jit`` they cannot be: there an id outside [0, vocab) reads a NaN embedding, which
+makes the logits of its sequence NaN (never a silent wrap to another token, and other
+sequences of the batch are untouched), so a bad batch shows up in the loss.
 """
 
 from __future__ import annotations
