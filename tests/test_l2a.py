@@ -357,7 +357,7 @@ def train(model, batch, *, sparsity, steps=14):
         sparsity_warmup_steps=2,
     )
     graphdef, state, frozen = init_state(model, cfg)
-    step = jit_train_step(model, cfg, state, frozen)
+    step = jit_train_step(graphdef, cfg, state, frozen)
     history = []
     for _ in range(steps):
         state, metrics = step(state, frozen, batch)

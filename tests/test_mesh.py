@@ -119,8 +119,8 @@ def test_sharded_train_steps_match_one_device(checkpoint, mesh, rng):
         model = convert_to_l2a(
             from_hf(checkpoint, mesh=model_mesh, attention_impl="xla"), L2AConfig(window=8)
         )
-        _, state, frozen = init_state(model, cfg, seed=3)
-        step = jit_train_step(model, cfg, state, frozen)
+        graphdef, state, frozen = init_state(model, cfg, seed=3)
+        step = jit_train_step(graphdef, cfg, state, frozen)
         history = []
         for _ in range(4):
             state, metrics = step(state, frozen, batch)
@@ -137,7 +137,7 @@ def test_sharded_train_steps_match_one_device(checkpoint, mesh, rng):
             np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
     model = convert_to_l2a(from_hf(checkpoint, mesh=mesh, attention_impl="xla"), L2AConfig())
-    _, state, frozen = init_state(model, cfg)
-    step = jit_train_step(model, cfg, state, frozen)
+    graphdef, state, frozen = init_state(model, cfg)
+    step = jit_train_step(graphdef, cfg, state, frozen)
     with pytest.raises(ValueError, match="batch size 2 does not split .* use a multiple of 4"):
         step(state, frozen, Batch.of(batch.input_ids[:2]))

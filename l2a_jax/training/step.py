@@ -150,17 +150,18 @@ def train_step(
 
 
 def jit_train_step(
-    model: QwenModel, cfg: TrainConfig, state: TrainState, frozen: nnx.State
+    graphdef: nnx.GraphDef, cfg: TrainConfig, state: TrainState, frozen: nnx.State
 ) -> Callable[[TrainState, nnx.State, Batch], tuple[TrainState, dict]]:
-    """``train_step`` jitted for ``model``'s mesh: state and frozen weights placed by their
-    logical axes, the batch split over the data axes, metrics replicated, and the incoming
-    state donated (its buffers hold the next state; do not read it after the call).
+    """``train_step`` jitted for the model's mesh (the one it was built or loaded on): state and
+    frozen weights placed by their logical axes, the batch split over the data axes, metrics
+    replicated, and the incoming state donated (its buffers hold the next state; do not read
+    it after the call).
 
     ``state`` and ``frozen`` (concrete or abstract) give the shapes the shardings are derived
     from. Without a mesh the step runs where its inputs are, donated all the same."""
-    graphdef = nnx.graphdef(model)
     step = jax.tree_util.Partial(train_step, graphdef, cfg)
-    mesh, rules = model.mesh, model.attention.rules
+    backend = trained_model(graphdef, state, frozen).attention
+    mesh, rules = backend.mesh, backend.rules
     if mesh is None:
         return jax.jit(step, donate_argnums=0)
     state_sharding = param_shardings(state, mesh, rules)

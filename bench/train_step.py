@@ -1,0 +1,164 @@
+"""One training step of a Qwen-shaped model on one GPU: compile time, step time, tokens/s and
+peak device memory, for the base model and L2A variants, each in a fresh process (so peak
+memory belongs to that variant alone) on a 1-device mesh, through ``jit_train_step`` (frozen
+weights as arguments, the state donated).
+
+    python bench/train_step.py                                   # Qwen2.5-0.5B shape, 32K
+    python bench/train_step.py --seq-len 131072 --layers 4 --vocab 32000
+    python bench/train_step.py --variants l2a_random --steps 3 --out bench/results
+
+Variants: ``base`` (full attention), ``l2a_random`` (every layer L2A, ``--density`` of tokens
+routed at random on every step: the cost of a learned router at that density), ``l2a_swa``
+(every layer L2A, no token routed). Weights are random (nothing is downloaded); parameters in
+``--dtype``. The dense-step coin is off, so every step is the sparse step being measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+VARIANTS = ("base", "l2a_random", "l2a_swa")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS}")
+    p.add_argument("--seq-len", type=int, default=32768)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--hidden", type=int, default=896)
+    p.add_argument("--intermediate", type=int, default=4864)
+    p.add_argument("--heads", type=int, default=14)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--window", type=int, default=4096)
+    p.add_argument("--density", type=float, default=0.2)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--impl", default="auto", help="attention implementation")
+    p.add_argument("--steps", type=int, default=5, help="timed steps after the first")
+    p.add_argument("--out", type=pathlib.Path, default=None, help="folder for the JSON results")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process's variant
+    return p.parse_args(argv)
+
+
+def run_variant(args) -> dict:
+    """Builds the model, runs ``1 + args.steps`` steps and measures them (in this process)."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from l2a_jax import Batch, L2AConfig, ModelConfig, QwenModel, RopeConfig, convert_to_l2a
+    from l2a_jax.sharding import make_mesh
+    from l2a_jax.training import TrainConfig, init_state, jit_train_step
+
+    cfg = ModelConfig(
+        architecture="Qwen2ForCausalLM",
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        max_position_embeddings=max(args.seq_len, 32768),
+        qkv_bias=True,
+        rope=RopeConfig(theta=1e6),
+    )
+    mesh = make_mesh(devices=jax.devices()[:1])
+    model = QwenModel(cfg, dtype=args.dtype, attention_impl=args.impl, mesh=mesh, rngs=nnx.Rngs(0))
+    if args.one != "base":
+        mode = dict(mode="random", random_densities=(args.density,) * args.layers)
+        if args.one == "l2a_swa":
+            mode = dict(mode="swa")
+        model = convert_to_l2a(model, L2AConfig(window=args.window, **mode))
+    train_cfg = TrainConfig(
+        learning_rate=1e-5, warmup_steps=1, total_steps=1000, sparsity_warmup_steps=1,
+        dense_step_prob=0.0,
+    )  # fmt: skip
+    graphdef, state, frozen = init_state(model, train_cfg)
+    del model  # the state and the frozen weights hold every array now
+    step = jit_train_step(graphdef, train_cfg, state, frozen)
+    rng = np.random.default_rng(0)
+    batch = Batch.of(rng.integers(0, args.vocab, (args.batch, args.seq_len)))
+    times = []
+    for _ in range(1 + args.steps):
+        start = time.perf_counter()
+        state, metrics = step(state, frozen, batch)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - start)
+    loss = float(metrics["loss"])
+    if not np.isfinite(loss):
+        raise SystemExit(f"{args.one}: loss is {loss}")
+    step_s = statistics.median(times[1:])
+    stats = jax.devices()[0].memory_stats() or {}
+    return {
+        "variant": args.one,
+        "first_step_s": times[0],
+        "step_s": step_s,
+        "tokens_per_s": args.batch * args.seq_len / step_s,
+        "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
+        "loss": loss,
+        "routed_fraction": float(metrics.get("routed_fraction", 1.0)),
+    }
+
+
+def main():
+    args = parse_args()
+    if args.one is not None:
+        print("RESULT " + json.dumps(run_variant(args)), flush=True)
+        return
+    import jax
+
+    device = jax.devices()[0].device_kind
+    rows = []
+    for variant in args.variants.split(","):
+        if variant not in VARIANTS:
+            raise SystemExit(f"unknown variant {variant!r}; use one of {VARIANTS}")
+        child = [sys.executable, __file__, *sys.argv[1:], "--one", variant]
+        proc = subprocess.run(child, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
+            rows.append({"variant": variant, "error": (proc.stderr or proc.stdout)[-500:]})
+            continue
+        rows.append(json.loads(lines[-1][len("RESULT ") :]))
+        print(rows[-1], flush=True)
+    base = next((r for r in rows if r["variant"] == "base" and "error" not in r), None)
+    print(
+        f"\n{device}, B={args.batch}, T={args.seq_len}, {args.layers} layers, hidden "
+        f"{args.hidden}, heads {args.heads}/{args.kv_heads}x{args.head_dim}, vocab {args.vocab}, "
+        f"{args.dtype}, impl {args.impl}, window {args.window}, density {args.density}"
+    )
+    print("| variant | first step s | step ms | tokens/s | vs base | peak GiB | routed |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['variant']} | failed: {r['error'].splitlines()[-1]} |")
+            continue
+        speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
+        print(
+            f"| {r['variant']} | {r['first_step_s']:.1f} | {r['step_s'] * 1e3:.1f} | "
+            f"{r['tokens_per_s'] / 1e3:.1f}K | {speed} | {r['peak_gib']:.1f} | "
+            f"{r['routed_fraction']:.2f} |"
+        )
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        day = datetime.date.today().isoformat()
+        name = f"train-step-{device.replace(' ', '_')}-T{args.seq_len}-{day}.json"
+        meta = {k: str(v) for k, v in vars(args).items() if k != "one"}
+        record = {"device": device, "jax": jax.__version__, "args": meta, "rows": rows}
+        (args.out / name).write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
