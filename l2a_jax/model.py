@@ -261,11 +261,26 @@ class QwenModel(nnx.Module):
     def mesh(self) -> Mesh | None:
         return self.attention.mesh
 
+    def output_head(self) -> jax.Array:
+        """The (hidden, vocab) matrix that turns final hidden states into logits."""
+        return self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+
     def forward_with_stats(
         self, input_ids, positions=None, segment_ids=None, *, routing: Routing | None = None
     ) -> tuple[jax.Array, RouterStats | None]:
         """Logits (b, t, vocab) float32, and the routing statistics of the L2A layers (a
         leading layer axis) or None for a model without L2A layers."""
+        h, stats = self.hidden_with_stats(input_ids, positions, segment_ids, routing=routing)
+        logits = jnp.einsum(
+            "btd,dv->btv", h, self.output_head(), preferred_element_type=jnp.float32
+        )
+        return logits, stats
+
+    def hidden_with_stats(
+        self, input_ids, positions=None, segment_ids=None, *, routing: Routing | None = None
+    ) -> tuple[jax.Array, RouterStats | None]:
+        """The final-normed hidden states (b, t, hidden) that ``output_head()`` maps to logits, and
+        the routing statistics: what a loss that never holds every logit at once starts from."""
         input_ids = as_token_ids(input_ids, self.cfg.vocab_size)
         b, t = input_ids.shape
         positions = check_per_token(positions, (b, t), "positions")
@@ -298,10 +313,7 @@ class QwenModel(nnx.Module):
                 stats.append(layer_stats)
             else:
                 x = layer(x, cos, sin, segment_ids, backend=self.attention)
-        h = self.final_norm(x)
-        head = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
-        logits = jnp.einsum("btd,dv->btv", h, head, preferred_element_type=jnp.float32)
-        return logits, RouterStats.stack(stats)
+        return self.final_norm(x), RouterStats.stack(stats)
 
     def __call__(
         self, input_ids, positions=None, segment_ids=None, *, routing: Routing | None = None

@@ -18,7 +18,6 @@ from l2a_jax.training import (
     init_state,
     jit_train_step,
     sparsity_loss,
-    sparsity_weight,
     trained_model,
 )
 
@@ -307,19 +306,6 @@ def test_invalid_l2a_configs(kwargs, match):
 def test_invalid_layer_choices_for_model(qwen3, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         convert_to_l2a(qwen3, L2AConfig(**kwargs))
-
-
-def test_sparsity_weight_schedule():
-    kw = dict(weight=2.0, warmup_steps=10, total_steps=110)
-    assert float(sparsity_weight(5, **kw)) == 0.0
-    assert float(sparsity_weight(10, **kw)) == 0.0
-    np.testing.assert_allclose(sparsity_weight(60, **kw), 1.0)
-    np.testing.assert_allclose(sparsity_weight(110, **kw), 2.0)
-    np.testing.assert_allclose(
-        sparsity_weight(35, **kw, ramp="cosine"), 2.0 * (0.5 - 0.5 * np.cos(np.pi / 4))
-    )
-    with pytest.raises(ConfigError, match="ramp"):
-        sparsity_weight(1, **kw, ramp="step")
 
 
 def test_kernel_path_matches_reference_path(qwen3, rng):

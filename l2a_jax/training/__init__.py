@@ -1,6 +1,11 @@
 """Training: the objective, the optimizer and one pure, sharded step."""
 
-from l2a_jax.training.loss import next_token_loss, sparsity_loss, sparsity_weight
+from l2a_jax.training.loss import (
+    chunked_next_token_loss,
+    next_token_loss,
+    sparsity_loss,
+    sparsity_weight,
+)
 from l2a_jax.training.step import (
     TRAINABLE_PARAMS,
     TrainConfig,
@@ -17,6 +22,7 @@ __all__ = [
     "TRAINABLE_PARAMS",
     "TrainConfig",
     "TrainState",
+    "chunked_next_token_loss",
     "flat_metrics",
     "init_state",
     "jit_train_step",

@@ -26,7 +26,7 @@ from l2a_jax.config import ConfigError
 from l2a_jax.model import QwenModel
 from l2a_jax.routing import RouterStats, Routing
 from l2a_jax.sharding import axis_size, param_shardings
-from l2a_jax.training.loss import RAMPS, next_token_loss, sparsity_loss, sparsity_weight
+from l2a_jax.training.loss import RAMPS, chunked_next_token_loss, sparsity_loss, sparsity_weight
 
 TRAINABLE = (
     "attn",
@@ -45,7 +45,8 @@ class TrainConfig:
     """AdamW with linear warm-up then cosine decay, global-norm clipping, the sparsity weight
     schedule (zero through ``sparsity_warmup_steps``, then ramped to ``sparsity_weight`` at
     ``total_steps``), and ``dense_step_prob``: the probability that a step runs the global
-    branch over every token."""
+    branch over every token. ``loss_chunk``: sequence positions whose logits the loss computes
+    at once (see ``chunked_next_token_loss``)."""
 
     learning_rate: float = 5e-5
     warmup_steps: int = 209
@@ -56,6 +57,7 @@ class TrainConfig:
     sparsity_warmup_steps: int = 209
     sparsity_ramp: str = "linear"
     dense_step_prob: float = 0.1
+    loss_chunk: int = 4096
 
     def __post_init__(self):
         if self.total_steps <= max(self.warmup_steps, self.sparsity_warmup_steps):
@@ -71,6 +73,8 @@ class TrainConfig:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not 0 <= self.dense_step_prob <= 1:
             raise ConfigError(f"dense_step_prob must be in [0, 1], got {self.dense_step_prob}")
+        if self.loss_chunk < 1:
+            raise ConfigError(f"loss_chunk must be >= 1 (positions), got {self.loss_chunk}")
 
 
 @jax.tree_util.register_dataclass
@@ -125,10 +129,13 @@ def train_step(
     )
 
     def loss_fn(params):
-        logits, stats = nnx.merge(graphdef, params, frozen).forward_with_stats(
+        model = nnx.merge(graphdef, params, frozen)
+        hidden, stats = model.hidden_with_stats(
             batch.input_ids, batch.positions, batch.segment_ids, routing=routing
         )
-        ce = next_token_loss(logits, batch.input_ids, batch.loss_mask)
+        ce = chunked_next_token_loss(
+            hidden, model.output_head(), batch.input_ids, batch.loss_mask, chunk=cfg.loss_chunk
+        )
         reg = sparsity_loss(stats)
         return ce + lam * reg, (ce, reg, stats)
 
