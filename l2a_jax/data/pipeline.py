@@ -1,0 +1,137 @@
+"""Training batches with grain: documents tokenized, packed into fixed-length rows, mixed
+with generated needle tasks, batched.
+
+- Corpus rows: documents shuffled (``seed``), repeated without end, tokenized with an
+  end-of-document id after each, concatenated and cut into rows of ``seq_len`` tokens. Each
+  row carries segment ids (one per document piece) and positions that restart at 0 per piece.
+- Needle rows (a ``needle_rate`` fraction of rows): one generated task per row, as long as fits
+  (``needles.py``), padded with segment id 0.
+- ``loss_mask`` is 1 on targets inside a segment: padding and the first token of every
+  segment (which the previous document cannot predict) are not scored.
+
+Everything is a deterministic function of ``seed`` and the process index, and the iterator's
+position is a small JSON-able state (``get_state``/``set_state``) that checkpoints save, so a
+resumed run reads exactly the batches it would have read. With several processes each reads
+its own shard of the documents and draws its own tasks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grain
+import grain.experimental as grain_exp
+import numpy as np
+
+from l2a_jax.config import ConfigError
+from l2a_jax.data.needles import (
+    HAYSTACKS,
+    VALUE_KINDS,
+    key_words,
+    make_needle_task,
+    sentences,
+)
+from l2a_jax.data.tokenizers import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class NeedleMix:
+    """Generated tasks mixed into training: ``rate`` of the rows; haystack and value kinds
+    are drawn per task from the given tuples."""
+
+    rate: float = 0.0
+    haystacks: tuple[str, ...] = ("noise", "essay")
+    value_kinds: tuple[str, ...] = ("numbers",)
+
+    def __post_init__(self):
+        if not 0 <= self.rate < 1:
+            raise ConfigError(f"needle rate must be in [0, 1), got {self.rate}")
+        bad = [h for h in self.haystacks if h not in HAYSTACKS]
+        bad += [v for v in self.value_kinds if v not in VALUE_KINDS]
+        if bad or not self.haystacks or not self.value_kinds:
+            raise ConfigError(
+                f"needle haystacks must come from {HAYSTACKS} and value kinds from "
+                f"{tuple(VALUE_KINDS)}; got {self.haystacks}, {self.value_kinds}"
+            )
+
+
+def _row(tokens, segment_ids, positions) -> dict[str, np.ndarray]:
+    segment_ids = np.asarray(segment_ids, np.int32)
+    positions = np.asarray(positions, np.int32)
+    return {
+        "input_ids": np.asarray(tokens, np.int32),
+        "positions": positions,
+        "segment_ids": segment_ids,
+        "loss_mask": ((segment_ids > 0) & (positions > 0)).astype(np.float32),
+    }
+
+
+def _corpus_rows(docs, tokenizer: Tokenizer, seq_len: int, seed: int) -> grain.IterDataset:
+    def tokenize(doc: str):
+        return {"tokens": np.asarray([*tokenizer.encode(doc), tokenizer.eos_id], np.int32)}
+
+    def as_row(packed):
+        return _row(packed["tokens"], packed["tokens_segment_ids"], packed["tokens_positions"])
+
+    docs = grain.MapDataset.source(docs).shuffle(seed=seed).repeat(None).map(tokenize)
+    packed = grain_exp.ConcatThenSplitIterDataset(
+        docs.to_iter_dataset(), length_struct={"tokens": seq_len}
+    )
+    return packed.map(as_row)
+
+
+def _needle_rows(
+    tokenizer: Tokenizer, seq_len: int, seed: int, mix: NeedleMix, words, essay
+) -> grain.IterDataset:
+    def make(index: int):
+        rng = np.random.default_rng([seed, index])
+        task = make_needle_task(
+            rng,
+            tokenizer,
+            seq_len - 1,  # room for the end-of-document id
+            words=words,
+            haystack=mix.haystacks[rng.integers(len(mix.haystacks))],
+            value_kind=mix.value_kinds[rng.integers(len(mix.value_kinds))],
+            essay=essay,
+        )
+        ids = [*tokenizer.encode(task.prompt + task.answer), tokenizer.eos_id]
+        pad = seq_len - len(ids)
+        return _row(
+            ids + [tokenizer.eos_id] * pad,
+            [1] * len(ids) + [0] * pad,
+            list(range(len(ids))) + [0] * pad,
+        )
+
+    make(0)  # a row length too short for a task fails here, not in the middle of training
+    return grain.MapDataset.range(2**31 - 1).map(make).to_iter_dataset()
+
+
+def training_batches(
+    docs: list[str],
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    needles: NeedleMix = NeedleMix(),
+    words: list[str] | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    """Batches of ``batch_size`` rows of ``seq_len``: dicts of (batch, seq) arrays
+    ``input_ids``, ``positions``, ``segment_ids`` (int32) and ``loss_mask`` (float32).
+    ``words`` (keys and word values of needle tasks) default to the documents' own."""
+    if seq_len < 2 or batch_size < 1:
+        raise ConfigError(f"seq_len must be >= 2 and batch_size >= 1; got {seq_len}, {batch_size}")
+    shard = docs[process_index::process_count]
+    if not shard:
+        raise ConfigError(
+            f"{len(docs)} documents cannot feed {process_count} processes; give more documents"
+        )
+    seed = int(np.random.default_rng([seed, process_index]).integers(2**31))
+    rows = _corpus_rows(shard, tokenizer, seq_len, seed)
+    if needles.rate > 0:
+        essay = sentences(shard) if "essay" in needles.haystacks else None
+        tasks = _needle_rows(tokenizer, seq_len, seed, needles, words or key_words(shard), essay)
+        rows = grain.IterDataset.mix([rows, tasks], [1 - needles.rate, needles.rate])
+    return rows.batch(batch_size, drop_remainder=True)
