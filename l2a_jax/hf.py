@@ -8,6 +8,7 @@ reports every unmapped, missing, duplicate or mis-shaped tensor in one error.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -151,9 +152,12 @@ def from_hf(
     mesh: Mesh | None = None,
     rules: ShardingRules | None = None,
     attention_impl: str = "auto",
+    max_position_embeddings: int | None = None,
+    rope_theta: float | None = None,
 ) -> QwenModel:
     """Loads a local HF Qwen2/Qwen2.5/Qwen3 checkpoint directory (or one written by ``to_hf``
-    from an L2A model) into a ``QwenModel``.
+    from an L2A model) into a ``QwenModel``. ``max_position_embeddings`` and ``rope_theta``,
+    when given, replace the checkpoint's (extending the context: weights are unchanged).
 
     Tensors are read one at a time, converted on the host, cast to ``dtype`` (a dtype or a name:
     ``"bf16"``, ``"bfloat16"``, ``"float32"``, ...) and placed on ``mesh`` (sharded by
@@ -162,6 +166,10 @@ def from_hf(
     """
     dtype = resolve_dtype(dtype)  # a bad name fails before any file is read
     directory, cfg, l2a = read_hf_config(path)
+    if max_position_embeddings is not None:
+        cfg = dataclasses.replace(cfg, max_position_embeddings=max_position_embeddings)
+    if rope_theta is not None:
+        cfg = dataclasses.replace(cfg, rope=dataclasses.replace(cfg.rope, theta=float(rope_theta)))
 
     def mapper(key: str):
         mapped = hf_key_to_param(key)

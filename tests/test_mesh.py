@@ -125,6 +125,7 @@ def test_sharded_train_steps_match_one_device(checkpoint, mesh, rng):
         for _ in range(4):
             state, metrics = step(state, frozen, batch)
             history.append(flat_metrics(metrics, model.l2a_layers))
+        assert step._cache_size() == 1, "every step must reuse the first step's program"
         if model_mesh is not None:
             router = state.params["layers"][0]["router"][...]
             assert router.sharding.spec == PartitionSpec("fsdp")

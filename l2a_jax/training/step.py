@@ -38,6 +38,8 @@ TRAINABLE = (
     "final_norm",
 )
 TRAINABLE_PARAMS = nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(n) for n in TRAINABLE)))
+# ``recipe``: the L2A recipe above; ``all``: every parameter (a model trained from scratch)
+TRAINABLE_SETS = {"recipe": TRAINABLE_PARAMS, "all": nnx.Param}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +48,8 @@ class TrainConfig:
     schedule (zero through ``sparsity_warmup_steps``, then ramped to ``sparsity_weight`` at
     ``total_steps``), and ``dense_step_prob``: the probability that a step runs the global
     branch over every token. ``loss_chunk``: sequence positions whose logits the loss computes
-    at once (see ``chunked_next_token_loss``)."""
+    at once (see ``chunked_next_token_loss``). ``trainable``: ``recipe`` (attention, norms
+    and routers; MLPs and embeddings frozen) or ``all``."""
 
     learning_rate: float = 5e-5
     warmup_steps: int = 209
@@ -58,6 +61,7 @@ class TrainConfig:
     sparsity_ramp: str = "linear"
     dense_step_prob: float = 0.1
     loss_chunk: int = 4096
+    trainable: str = "recipe"
 
     def __post_init__(self):
         if self.total_steps <= max(self.warmup_steps, self.sparsity_warmup_steps):
@@ -73,6 +77,10 @@ class TrainConfig:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not 0 <= self.dense_step_prob <= 1:
             raise ConfigError(f"dense_step_prob must be in [0, 1], got {self.dense_step_prob}")
+        if self.trainable not in TRAINABLE_SETS:
+            raise ConfigError(
+                f"trainable {self.trainable!r} is unknown; use one of {tuple(TRAINABLE_SETS)}"
+            )
         if self.loss_chunk < 1:
             raise ConfigError(f"loss_chunk must be >= 1 (positions), got {self.loss_chunk}")
 
@@ -103,7 +111,7 @@ def init_state(model: QwenModel, cfg: TrainConfig, *, seed: int = 0):
     frozen weights, which every step takes as an argument. The state holds copies of the
     trainable parameters (a step donates its state), so ``model`` stays usable; the frozen
     weights are the model's own arrays."""
-    graphdef, params, frozen = nnx.split(model, TRAINABLE_PARAMS, ...)
+    graphdef, params, frozen = nnx.split(model, TRAINABLE_SETS[cfg.trainable], ...)
     params = jax.tree.map(lambda x: jax.device_put(x, may_alias=False), params)
     state = TrainState(
         jnp.zeros((), jnp.int32), params, make_optimizer(cfg).init(params), jax.random.key(seed)
@@ -174,9 +182,10 @@ def jit_train_step(
     state_sharding = param_shardings(state, mesh, rules)
     tokens = NamedSharding(mesh, rules.spec(("batch", "seq"), mesh))
     batch_parts = axis_size(mesh, tokens.spec[0])
+    frozen_sharding = param_shardings(frozen, mesh, rules)
     jitted = jax.jit(
         step,
-        in_shardings=(state_sharding, param_shardings(frozen, mesh, rules), tokens),
+        in_shardings=(state_sharding, frozen_sharding, tokens),
         out_shardings=(state_sharding, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=0,
     )
@@ -187,8 +196,13 @@ def jit_train_step(
                 f"batch size {batch.shape[0]} does not split over the mesh's {batch_parts} "
                 f"data-parallel devices ({dict(mesh.shape)}); use a multiple of {batch_parts}"
             )
-        return jitted(state, frozen, batch)
+        # placed as the step's outputs are, so the first call compiles the program every later
+        # call reuses (a no-op for arrays already there)
+        state = jax.device_put(state, state_sharding)
+        frozen = jax.device_put(frozen, frozen_sharding)
+        return jitted(state, frozen, jax.device_put(batch, tokens))
 
+    sharded_step._cache_size = jitted._cache_size  # compiled programs, as on a jitted function
     return sharded_step
 
 

@@ -1,0 +1,193 @@
+"""The training run behind ``train.py``: build everything from a validated config, resume
+from the workdir's latest checkpoint, train, log, export.
+
+What a workdir holds: ``config.json`` (the resolved config), ``checkpoints/`` (Orbax: state and
+data position), ``metrics.jsonl`` (one JSON object per logged step: ``step``, ``loss``,
+per-layer routed fractions, ...), ``tensorboard/`` (event files), and at the end ``model/``
+(the trained model as an HF-style directory) and ``training.png`` (loss and routed fractions).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from l2a_jax.batch import Batch
+from l2a_jax.config import ConfigError
+from l2a_jax.convert import convert_to_l2a
+from l2a_jax.data import embedded_corpus, make_tokenizer, read_text_files, training_batches
+from l2a_jax.hf import from_hf, to_hf
+from l2a_jax.model import QwenModel
+from l2a_jax.sharding import make_mesh, param_shardings
+from l2a_jax.training.checkpoints import Checkpoints, abstract_like
+from l2a_jax.training.report import MetricsLog, plot_run
+from l2a_jax.training.run_config import RunSettings, validate
+from l2a_jax.training.step import flat_metrics, init_state, jit_train_step, trained_model
+
+logger = logging.getLogger(__name__)
+# sections that must match the run a workdir's checkpoints came from
+_FIXED_SECTIONS = ("model", "l2a", "data")
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN or infinite loss; the message names the step and checkpoint."""
+
+
+def _prepare_workdir(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"workdir {workdir} is not writable ({e.strerror}); pass --workdir DIR"
+        ) from e
+    saved_file = workdir / "config.json"
+    current = json.loads(config.to_json_best_effort())
+    if saved_file.exists():
+        saved = json.loads(saved_file.read_text())
+        changed = [
+            f"{section}.{key}"
+            for section in _FIXED_SECTIONS
+            for key in sorted(set(saved.get(section, {})) | set(current[section]))
+            if saved.get(section, {}).get(key) != current[section].get(key)
+        ]
+        if changed:
+            raise ConfigError(
+                f"workdir {workdir} holds a run with other settings ({', '.join(changed)}); "
+                "resume it with its own config.json, or pass a new --workdir"
+            )
+    tmp = saved_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
+    tmp.replace(saved_file)
+
+
+def _mesh(shape: tuple[int, int, int]):
+    data, fsdp, tensor = shape
+    devices = jax.devices()
+    if data == -1:
+        if len(devices) % (fsdp * tensor):
+            raise ConfigError(
+                f"config field mesh: fsdp*tensor = {fsdp * tensor} does not divide the "
+                f"{len(devices)} devices"
+            )
+        data = len(devices) // (fsdp * tensor)
+    try:
+        return make_mesh(data=data, fsdp=fsdp, tensor=tensor)
+    except ValueError as e:
+        raise ConfigError(f"config field mesh: {e}") from e
+
+
+def _build_model(settings: RunSettings, mesh, seed: int) -> QwenModel:
+    if settings.model is None:
+        model = from_hf(
+            settings.checkpoint,
+            dtype=settings.dtype,
+            mesh=mesh,
+            attention_impl=settings.attention_impl,
+            **settings.model_overrides,
+        )
+    else:
+        model = QwenModel(
+            settings.model,
+            dtype=settings.dtype,
+            attention_impl=settings.attention_impl,
+            mesh=mesh,
+            rngs=nnx.Rngs(seed),
+        )
+        graphdef, params = nnx.split(model)
+        model = nnx.merge(graphdef, jax.device_put(params, param_shardings(params, mesh)))
+    if settings.l2a is not None:
+        if model.l2a is not None:
+            raise ConfigError(
+                f"checkpoint {settings.checkpoint} is already an L2A model; set "
+                "l2a.enabled=False to keep training it as saved"
+            )
+        model = convert_to_l2a(model, settings.l2a)
+    return model
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) -> Path:
+    """Trains as ``config`` says into ``workdir`` (default ``config.workdir``), resuming from
+    its latest checkpoint; returns the workdir."""
+    workdir = Path(workdir or config.workdir)
+    tokenizer = make_tokenizer(config.data.tokenizer)
+    settings = validate(config, tokenizer.vocab_size)
+    docs = read_text_files(list(config.data.files)) if config.data.files else embedded_corpus()
+    _prepare_workdir(workdir, config)
+    mesh = _mesh(settings.mesh_shape)
+    seed, steps = config.train.seed, config.train.steps
+    model = _build_model(settings, mesh, seed)
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise ConfigError(
+            f"config field data.tokenizer: the tokenizer's vocabulary ({tokenizer.vocab_size}) "
+            f"does not fit the model's ({model.cfg.vocab_size}); use the checkpoint's own "
+            "tokenizer (data.tokenizer=/path/to/checkpoint)"
+        )
+    graphdef, state, frozen = init_state(model, settings.train, seed=seed)
+    layers = model.l2a_layers
+    del model  # the state holds the trainable weights, ``frozen`` the rest
+    batches = iter(
+        training_batches(
+            docs,
+            tokenizer,
+            seq_len=config.data.seq_len,
+            batch_size=config.data.batch_size,
+            seed=seed,
+            needles=settings.needles,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+    )
+    checkpoints = Checkpoints(
+        workdir / "checkpoints",
+        every=config.train.checkpoint_every,
+        keep=config.train.keep_checkpoints,
+    )
+    start = checkpoints.latest() or 0
+    if start:
+        state, data_state = checkpoints.restore(start, abstract_like(state))
+        batches.set_state(data_state)
+        logger.info("resumed %s at step %d", workdir, start)
+    step_fn = jit_train_step(graphdef, settings.train, state, frozen)
+    log = MetricsLog(workdir, start=start, total=steps)
+    tokens_per_step = config.data.seq_len * config.data.batch_size
+    try:
+        last_time = time.perf_counter()
+        for step in range(start, steps):
+            batch = Batch(**{k: jnp.asarray(v) for k, v in next(batches).items()})
+            state, metrics = step_fn(state, frozen, batch)
+            done = step + 1
+            due = done % config.train.checkpoint_every == 0 or done == steps
+            if done % config.train.log_every == 0 or due:
+                values = flat_metrics(metrics, layers)
+                if not math.isfinite(values["loss"]):
+                    raise NonFiniteLoss(
+                        f"loss is {values['loss']} at step {done}; the last good checkpoint is "
+                        f"step {checkpoints.latest()} in {checkpoints.directory} (lower "
+                        "train.learning_rate or check the data, then rerun to resume there)"
+                    )
+                now = time.perf_counter()
+                logged_steps = done - log.last_step
+                values["tokens_per_s"] = tokens_per_step * logged_steps / (now - last_time)
+                last_time = now
+                log.write(done, values)
+            log.advance(done)
+            if due:
+                checkpoints.save(done, state, batches.get_state(), force=True)
+        checkpoints.wait()
+    finally:
+        log.close()
+        checkpoints.close()
+    to_hf(trained_model(graphdef, state, frozen), workdir / "model")
+    plot_run(workdir)
+    return workdir
