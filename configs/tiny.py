@@ -27,7 +27,8 @@ def get_config():
     c.train.learning_rate = 3e-3
     c.train.warmup_steps = 15
     c.train.sparsity_weight = 2e-3
-    c.train.sparsity_warmup_steps = 30
+    c.train.route_all_steps = 40
+    c.train.sparsity_warmup_steps = 40
     c.train.checkpoint_every = 25
     c.train.log_every = 10
     return c

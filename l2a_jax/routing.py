@@ -32,10 +32,12 @@ import jax.numpy as jnp
 class Routing:
     """What one forward pass does with the routers: ``train`` turns on the straight-through
     estimator; ``dense`` (a bool, or a traced scalar bool) runs the global branch over every
-    token; ``rng`` draws the tokens of ``random`` layers."""
+    token; ``route_all`` (likewise) routes every token of learned layers whatever the router
+    says, its gradient still flowing; ``rng`` draws the tokens of ``random`` layers."""
 
     train: bool = False
     dense: jax.Array | bool = False
+    route_all: jax.Array | bool = False
     rng: jax.Array | None = None
 
 
@@ -93,7 +95,7 @@ def route_tokens(
     router logits z (b, t) float32."""
     sigma = jax.nn.sigmoid(z / tau)
     if mode == "l2a":
-        route = sigma >= threshold
+        route = (sigma >= threshold) | routing.route_all
     elif mode == "random":
         if routing.rng is None:
             raise ValueError("routing mode 'random' needs an rng key in Routing(rng=...)")

@@ -352,6 +352,23 @@ def train(model, batch, *, sparsity, steps=14):
     return trained_model(graphdef, state, frozen), history
 
 
+def test_route_all_steps_route_every_token_first(qwen3, rng):
+    model = random_router(convert_to_l2a(qwen3, L2AConfig(window=8)), rng)  # about half routed
+    cfg = TrainConfig(
+        learning_rate=1e-4, warmup_steps=1, total_steps=10, sparsity_warmup_steps=1,
+        dense_step_prob=0.0, route_all_steps=2,
+    )  # fmt: skip
+    graphdef, state, frozen = init_state(model, cfg)
+    step = jit_train_step(graphdef, cfg, state, frozen)
+    batch = Batch.of(tokens(rng, 2, 32))
+    fractions = []
+    for _ in range(3):
+        state, metrics = step(state, frozen, batch)
+        fractions.append(float(metrics["routed_fraction"]))
+    assert fractions[:2] == [1.0, 1.0] and 0 < fractions[2] < 1
+    assert step._cache_size() == 1
+
+
 @pytest.mark.parametrize("name", ["qwen3_bias_yarn_factor", "qwen2_linear_gqa2"])
 def test_tiny_l2a_model_trains_and_router_sparsifies(base_models, name, rng):
     model = convert_to_l2a(base_models[name], L2AConfig(window=8))

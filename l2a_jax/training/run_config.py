@@ -73,6 +73,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.sparsity_warmup_steps = 100
     c.train.sparsity_ramp = "linear"
     c.train.dense_step_prob = 0.1
+    c.train.route_all_steps = 0  # route every token for this many steps first (from scratch)
     c.train.loss_chunk = 4096
     c.train.trainable = "recipe"  # "recipe": attention, norms, routers; "all": every weight
     c.train.checkpoint_every = 100
@@ -197,6 +198,7 @@ def validate(config: ml_collections.ConfigDict, vocab_size: int) -> RunSettings:
             dense_step_prob=t.dense_step_prob,
             loss_chunk=t.loss_chunk,
             trainable=t.trainable,
+            route_all_steps=t.route_all_steps,
         )
     with _section("data"):
         needles = NeedleMix(

@@ -62,6 +62,7 @@ class TrainConfig:
     dense_step_prob: float = 0.1
     loss_chunk: int = 4096
     trainable: str = "recipe"
+    route_all_steps: int = 0
 
     def __post_init__(self):
         if self.total_steps <= max(self.warmup_steps, self.sparsity_warmup_steps):
@@ -81,6 +82,8 @@ class TrainConfig:
             raise ConfigError(
                 f"trainable {self.trainable!r} is unknown; use one of {tuple(TRAINABLE_SETS)}"
             )
+        if self.route_all_steps < 0:
+            raise ConfigError(f"route_all_steps must be >= 0, got {self.route_all_steps}")
         if self.loss_chunk < 1:
             raise ConfigError(f"loss_chunk must be >= 1 (positions), got {self.loss_chunk}")
 
@@ -127,7 +130,9 @@ def train_step(
     layers) and ``router`` (``RouterStats`` per L2A layer; absent without L2A layers)."""
     rng, coin_key, route_key = jax.random.split(state.rng, 3)
     dense = jax.random.bernoulli(coin_key, cfg.dense_step_prob)
-    routing = Routing(train=True, dense=dense, rng=route_key)
+    routing = Routing(
+        train=True, dense=dense, route_all=state.step < cfg.route_all_steps, rng=route_key
+    )
     lam = sparsity_weight(
         state.step,
         weight=cfg.sparsity_weight,
