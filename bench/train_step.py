@@ -7,10 +7,12 @@ weights as arguments, the state donated).
     python bench/train_step.py --seq-len 131072 --layers 4 --vocab 32000
     python bench/train_step.py --variants l2a_random --steps 3 --out bench/results
 
-Variants: ``base`` (full attention), ``l2a_random`` (every layer L2A, ``--density`` of tokens
-routed at random on every step: the cost of a learned router at that density), ``l2a_swa``
-(every layer L2A, no token routed). Weights are random (nothing is downloaded); parameters in
-``--dtype``. The dense-step coin is off, so every step is the sparse step being measured.
+Variants: ``base`` (full attention; with ``--impl auto`` on a GPU that is cuDNN),
+``base_pallas`` (full attention on the Pallas kernel), ``l2a_random`` (every layer L2A,
+``--density`` of tokens routed at random on every step: the cost of a learned router at that
+density), ``l2a_swa`` (every layer L2A, no token routed). Weights are random (nothing is
+downloaded); parameters in ``--dtype``. The dense-step coin is off, so every step is the
+sparse step being measured.
 """
 
 from __future__ import annotations
@@ -26,12 +28,18 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-VARIANTS = ("base", "l2a_random", "l2a_swa")
+# variant -> (L2A routing or None for the base model, attention impl or None for --impl)
+VARIANTS = {
+    "base": (None, None),
+    "base_pallas": (None, "pallas"),
+    "l2a_random": ("random", None),
+    "l2a_swa": ("swa", None),
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS}")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
     p.add_argument("--seq-len", type=int, default=32768)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--layers", type=int, default=24)
@@ -46,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--impl", default="auto", help="attention implementation")
     p.add_argument("--steps", type=int, default=5, help="timed steps after the first")
+    p.add_argument("--trainable", default="recipe", help="recipe (the L2A recipe) or all")
     p.add_argument("--out", type=pathlib.Path, default=None, help="folder for the JSON results")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process's variant
     return p.parse_args(argv)
@@ -83,9 +92,10 @@ def run_variant(args) -> dict:
         model = convert_to_l2a(model, L2AConfig(window=args.window, **mode))
     train_cfg = TrainConfig(
         learning_rate=1e-5, warmup_steps=1, total_steps=1000, sparsity_warmup_steps=1,
-        dense_step_prob=0.0,
+        dense_step_prob=0.0, trainable=args.trainable,
     )  # fmt: skip
     graphdef, state, frozen = init_state(model, train_cfg)
+    model_attention = model.attention.describe()
     del model  # the state and the frozen weights hold every array now
     step = jit_train_step(graphdef, train_cfg, state, frozen)
     rng = np.random.default_rng(0)
@@ -103,6 +113,7 @@ def run_variant(args) -> dict:
     stats = jax.devices()[0].memory_stats() or {}
     return {
         "variant": args.one,
+        "attention": model_attention,
         "first_step_s": times[0],
         "step_s": step_s,
         "tokens_per_s": args.batch * args.seq_len / step_s,
@@ -123,7 +134,7 @@ def main():
     rows = []
     for variant in args.variants.split(","):
         if variant not in VARIANTS:
-            raise SystemExit(f"unknown variant {variant!r}; use one of {VARIANTS}")
+            raise SystemExit(f"unknown variant {variant!r}; use one of {list(VARIANTS)}")
         child = [sys.executable, __file__, *sys.argv[1:], "--one", variant]
         proc = subprocess.run(child, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -139,17 +150,19 @@ def main():
         f"{args.hidden}, heads {args.heads}/{args.kv_heads}x{args.head_dim}, vocab {args.vocab}, "
         f"{args.dtype}, impl {args.impl}, window {args.window}, density {args.density}"
     )
-    print("| variant | first step s | step ms | tokens/s | vs base | peak GiB | routed |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| variant | attention | first step s | step ms | tokens/s | vs base | peak GiB | routed |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['variant']} | failed: {r['error'].splitlines()[-1]} |")
             continue
         speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
         print(
-            f"| {r['variant']} | {r['first_step_s']:.1f} | {r['step_s'] * 1e3:.1f} | "
-            f"{r['tokens_per_s'] / 1e3:.1f}K | {speed} | {r['peak_gib']:.1f} | "
-            f"{r['routed_fraction']:.2f} |"
+            f"| {r['variant']} | {r['attention']} | {r['first_step_s']:.1f} | "
+            f"{r['step_s'] * 1e3:.1f} | {r['tokens_per_s'] / 1e3:.1f}K | {speed} | "
+            f"{r['peak_gib']:.1f} | {r['routed_fraction']:.2f} |"
         )
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,9 @@
 
 - ``xla``: the pure-jnp references of ``pallas_kernels`` (materialise the score matrix);
 - ``pallas``: the Pallas kernels (native on a GPU, interpret mode elsewhere);
-- ``auto``: ``pallas`` on a GPU for head dims the kernels support, ``xla`` otherwise.
+- ``cudnn``: cuDNN's fused attention (``jax.nn.dot_product_attention``) for dense and windowed
+  calls, on a GPU;
+- ``auto``: per call, the fastest that applies on this machine (``AttentionBackend``).
 
 A Pallas call is opaque to XLA's partitioner, so on a mesh each kernel runs inside
 ``jax.shard_map``: batch split over the data axes and heads over ``tensor``, specs derived from
@@ -20,30 +22,58 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from l2a_jax.config import ConfigError
 from l2a_jax.sharding import ShardingRules, axis_size
 from pallas_kernels.blocks import SUPPORTED_HEAD_DIMS  # plain data: loads no kernel
 
-ATTENTION_IMPLS = ("auto", "xla", "pallas")
+ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
+# head dims and dtypes cuDNN's fused attention takes through jax.nn.dot_product_attention
+CUDNN_MAX_HEAD_DIM = 128
+CUDNN_DTYPES = ("bfloat16", "float16")
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
 
 
 def resolve_impl(impl: str, head_dim: int) -> str:
-    """The implementation that ``impl`` runs as on this machine for heads of ``head_dim``."""
+    """What ``impl`` runs the Pallas-capable operations as on this machine: ``auto`` is
+    ``pallas`` on a GPU for head dims the kernels support, ``xla`` otherwise."""
     if impl not in ATTENTION_IMPLS:
         raise ConfigError(f"attention impl {impl!r} is unknown; use one of {ATTENTION_IMPLS}")
     if impl == "auto":
-        native = jax.default_backend() == "gpu" and head_dim in SUPPORTED_HEAD_DIMS
-        return "pallas" if native else "xla"
+        return "pallas" if _on_gpu() and head_dim in SUPPORTED_HEAD_DIMS else "xla"
     return impl
+
+
+def _cudnn_takes(q, segment_ids) -> bool:
+    """cuDNN through ``jax.nn.dot_product_attention`` (JAX 0.11) has no segment ids (packed
+    documents would need a (T, T) mask), takes half precision only, head dims up to 128."""
+    d = q.shape[-1]
+    return (
+        segment_ids is None
+        and q.dtype.name in CUDNN_DTYPES
+        and d <= CUDNN_MAX_HEAD_DIM
+        and d % 8 == 0
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionBackend:
-    """How a model runs attention: ``impl`` as requested (``auto``, ``xla``, ``pallas``),
-    resolved for ``head_dim`` on this machine, and the ``mesh`` (with its ``rules``) that the
-    kernels are shard-mapped over; no mesh runs them on whatever device holds the inputs."""
+    """How a model runs attention: ``impl`` as requested, resolved per operation on this
+    machine, and the ``mesh`` (with its ``rules``) that kernels are shard-mapped over; no mesh
+    runs them on whatever device holds the inputs.
+
+    ``auto`` on a GPU takes, per call, what was measured fastest on an H200 (bench/RESULTS.md):
+    cuDNN for dense causal and sliding-window attention where it applies (no segment ids, half
+    precision, head dim <= 128; cuDNN runs 20-25% faster than the Pallas window kernel), the
+    Pallas kernels otherwise and always for routed (query-sparse) attention; off the GPU the
+    jnp reference. ``cudnn`` forces cuDNN for dense and windowed calls (and runs routed calls
+    densely, then zeroes skipped rows: full attention's cost, the baseline to beat).
+    """
 
     impl: str
     head_dim: int
@@ -52,18 +82,42 @@ class AttentionBackend:
 
     def __post_init__(self):
         resolve_impl(self.impl, self.head_dim)
+        if self.impl == "cudnn" and not _on_gpu():
+            raise ConfigError("attention_impl 'cudnn' needs a GPU; use 'auto' or 'xla' here")
 
     @property
     def runs_as(self) -> str:
+        """The implementation of routed calls (and of every call but cuDNN's)."""
         return resolve_impl(self.impl, self.head_dim)
+
+    def describe(self) -> str:
+        if self.impl == "cudnn" or (self.impl == "auto" and self.runs_as == "pallas"):
+            routed = "cudnn (dense)" if self.impl == "cudnn" else "pallas"
+            return f"dense and window: cudnn where it applies, else pallas; routed: {routed}"
+        return self.runs_as
 
     def check_heads(self, num_heads: int, num_kv_heads: int) -> None:
         """Raises a ``ConfigError`` when the mesh would split a GQA group across devices."""
-        if self.runs_as == "pallas" and self.mesh is not None:
+        if self.runs_as in ("pallas", "cudnn") and self.mesh is not None:
             _head_axes(self.mesh, self.rules, num_heads, num_kv_heads)
 
+    def _use_cudnn(self, q, segment_ids) -> bool:
+        if self.impl == "cudnn":
+            if segment_ids is not None:
+                raise ValueError(
+                    "attention_impl 'cudnn' takes no segment_ids (packed documents); use "
+                    "'auto', which runs such batches on the Pallas kernels"
+                )
+            return True
+        return self.impl == "auto" and self.runs_as == "pallas" and _cudnn_takes(q, segment_ids)
+
     def causal(self, q, k, v, *, segment_ids=None, window: int | None = None) -> jax.Array:
-        """q (b, t, hq, d), k/v (b, t, hkv, d) -> (b, t, hq, d); causal, optionally windowed."""
+        """q (b, t, hq, d), k/v (b, t, hkv, d) -> (b, t, hq, d); causal, optionally windowed
+        (``window`` keys per query, itself included)."""
+        if self._use_cudnn(q, segment_ids):
+            local = None if window is None or window >= q.shape[1] else (window - 1, 0)
+            fn = functools.partial(_cudnn_causal, local_window_size=local)
+            return self._on_mesh(fn, q, k, v, segment_ids=None)
         if self.runs_as == "pallas":
             import pallas_kernels
 
@@ -78,6 +132,9 @@ class AttentionBackend:
 
     def routed(self, q, k, v, route, *, segment_ids=None) -> jax.Array:
         """Causal attention for queries with ``route`` (b, t) true, exactly zero for others."""
+        if self.impl == "cudnn":
+            dense = self.causal(q, k, v, segment_ids=segment_ids)
+            return jnp.where(route[:, :, None, None], dense, jnp.zeros((), dense.dtype))
         if self.runs_as == "pallas":
             import pallas_kernels
 
@@ -112,6 +169,13 @@ class AttentionBackend:
             out_specs=qkv,
             check_vma=False,  # pallas_call carries no varying-manual-axes types
         )(q, k, v, *extra)
+
+
+def _cudnn_causal(q, k, v, *, local_window_size, segment_ids=None):
+    del segment_ids  # always None here: the caller checked
+    return jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, local_window_size=local_window_size, implementation="cudnn"
+    )
 
 
 def _head_axes(mesh: Mesh, rules: ShardingRules, num_heads: int, num_kv_heads: int):

@@ -249,7 +249,7 @@ class QwenModel(nnx.Module):
             len(plan),
             f", mode {l2a.mode}, window {l2a.window}" if l2a is not None else "",
             attention_impl,
-            self.attention.runs_as,
+            self.attention.describe(),
             f", on mesh {dict(mesh.shape)}" if mesh is not None else "",
         )
 
