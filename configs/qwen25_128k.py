@@ -36,4 +36,5 @@ def get_config():
     c.train.dense_step_prob = 0.1
     c.train.trainable = "recipe"
     c.train.checkpoint_every = 100
+    c.train.remat = "full"  # a 128K sequence's activations would not fit otherwise
     return c

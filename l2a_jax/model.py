@@ -28,6 +28,13 @@ from l2a_jax.routing import RouterStats, Routing, route_tokens
 from l2a_jax.sharding import ShardingRules
 
 _INIT_STD = 0.02
+# what a layer's backward keeps from its forward: everything (``none``), only its inputs
+# (``full``: the layer is recomputed), or the matmul outputs (``dots``)
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 logger = logging.getLogger(__name__)
 
 
@@ -277,10 +284,20 @@ class QwenModel(nnx.Module):
         return logits, stats
 
     def hidden_with_stats(
-        self, input_ids, positions=None, segment_ids=None, *, routing: Routing | None = None
+        self,
+        input_ids,
+        positions=None,
+        segment_ids=None,
+        *,
+        routing: Routing | None = None,
+        remat: str = "none",
     ) -> tuple[jax.Array, RouterStats | None]:
         """The final-normed hidden states (b, t, hidden) that ``output_head()`` maps to logits, and
-        the routing statistics: what a loss that never holds every logit at once starts from."""
+        the routing statistics: what a loss that never holds every logit at once starts from.
+        ``remat`` (see ``REMAT_POLICIES``) trades the backward pass's memory for recomputation,
+        layer by layer."""
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat {remat!r} is unknown; use one of {tuple(REMAT_POLICIES)}")
         input_ids = as_token_ids(input_ids, self.cfg.vocab_size)
         b, t = input_ids.shape
         positions = check_per_token(positions, (b, t), "positions")
@@ -304,15 +321,24 @@ class QwenModel(nnx.Module):
             rules = self.attention.rules
             spec = rules.spec(("batch", "seq"), self.mesh, (b, t))
             x = jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(*spec, None)))
+
+        def run_layer(layer, x):
+            if isinstance(layer, L2ADecoderLayer):
+                return layer(x, cos, sin, segment_ids, routing=routing, backend=self.attention)
+            return layer(x, cos, sin, segment_ids, backend=self.attention), None
+
+        def run_remat(layer, x):  # a pure function of the layer's weights, recomputed
+            graph, weights = nnx.split(layer)
+            pure = jax.checkpoint(
+                lambda w, x: run_layer(nnx.merge(graph, w), x), policy=REMAT_POLICIES[remat]
+            )
+            return pure(weights, x)
+
         stats = []
         for layer in self.layers:
-            if isinstance(layer, L2ADecoderLayer):
-                x, layer_stats = layer(
-                    x, cos, sin, segment_ids, routing=routing, backend=self.attention
-                )
+            x, layer_stats = (run_layer if remat == "none" else run_remat)(layer, x)
+            if layer_stats is not None:
                 stats.append(layer_stats)
-            else:
-                x = layer(x, cos, sin, segment_ids, backend=self.attention)
         return self.final_norm(x), RouterStats.stack(stats)
 
     def __call__(

@@ -67,8 +67,81 @@ def test_sparsity_weight_schedule():
         (dict(learning_rate=0.0), "learning_rate must be > 0"),
         (dict(dense_step_prob=1.5), r"dense_step_prob must be in \[0, 1\]"),
         (dict(loss_chunk=0), "loss_chunk must be >= 1"),
+        (dict(remat="some"), "remat 'some' is unknown"),
+        (dict(grad_accum_steps=0), "grad_accum_steps must be >= 1"),
+        (dict(master_dtype="int8"), "master_dtype: dtype 'int8' is unknown"),
     ],
 )
 def test_invalid_train_configs(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig(**kwargs)
+
+
+def _tiny_l2a():
+    from flax import nnx
+
+    from l2a_jax import L2AConfig, ModelConfig, QwenModel, convert_to_l2a
+
+    cfg = ModelConfig("Qwen3ForCausalLM", 61, 32, 48, 2, 4, 2, 8, qk_norm=True)
+    base = QwenModel(cfg, attention_impl="xla", rngs=nnx.Rngs(0))
+    model = convert_to_l2a(base, L2AConfig(window=6))
+    graphdef, state = nnx.split(model)
+    flat = [
+        (path, var.replace(jax.random.normal(jax.random.key(7), var.shape)))
+        if path[-1] == "router" else (path, var)
+        for path, var in nnx.to_flat_state(state)
+    ]  # fmt: skip
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))  # routers that route about half
+
+
+def _one_step(model, rng, **overrides):
+    from l2a_jax import Batch
+    from l2a_jax.training import init_state, train_step
+
+    cfg = TrainConfig(
+        learning_rate=1e-2, warmup_steps=1, total_steps=10, sparsity_weight=0.1,
+        sparsity_warmup_steps=1, dense_step_prob=0.0, **overrides,
+    )  # fmt: skip
+    graphdef, state, frozen = init_state(model, cfg)
+    batch = Batch.of(rng.integers(0, 61, (4, 20)))
+    new_state, metrics = jax.jit(lambda s: train_step(graphdef, cfg, s, frozen, batch))(state)
+    return new_state, metrics
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_changes_memory_not_results(remat, rng):
+    model = _tiny_l2a()
+    want_state, want = _one_step(model, np.random.default_rng(0))
+    got_state, got = _one_step(model, np.random.default_rng(0), remat=remat)
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
+    for g, w in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params),
+                    strict=True):  # fmt: skip
+        np.testing.assert_allclose(g, w, atol=1e-6, rtol=0)
+
+
+def test_gradient_accumulation_equals_the_whole_batch(rng):
+    model = _tiny_l2a()
+    want_state, want = _one_step(model, np.random.default_rng(0))
+    got_state, got = _one_step(model, np.random.default_rng(0), grad_accum_steps=2)
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
+    np.testing.assert_allclose(got["routed_fraction"], want["routed_fraction"], rtol=1e-6)
+    for g, w in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params),
+                    strict=True):  # fmt: skip
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+
+
+def test_float32_master_weights_with_bfloat16_compute(rng):
+    from flax import nnx
+
+    model = _tiny_l2a()
+    graphdef, state = nnx.split(model)
+    bf16 = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(jnp.bfloat16), state))
+    new_state, metrics = _one_step(
+        bf16, np.random.default_rng(0), master_dtype="float32", compute_dtype="bfloat16"
+    )
+    assert {x.dtype for x in jax.tree.leaves(new_state.params)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(new_state.opt_state) if x.ndim} == {
+        jnp.dtype(jnp.float32)
+    }
+    _, f32 = _one_step(model, np.random.default_rng(0))
+    np.testing.assert_allclose(metrics["cross_entropy"], f32["cross_entropy"], rtol=2e-2)

@@ -188,6 +188,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
     finally:
         log.close()
         checkpoints.close()
-    to_hf(trained_model(graphdef, state, frozen), workdir / "model")
+    to_hf(trained_model(graphdef, state, frozen, dtype=settings.dtype), workdir / "model")
     plot_run(workdir)
     return workdir

@@ -74,6 +74,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.sparsity_ramp = "linear"
     c.train.dense_step_prob = 0.1
     c.train.route_all_steps = 0  # route every token for this many steps first (from scratch)
+    c.train.remat = "none"  # "none", "full" (recompute each layer) or "dots" (keep matmuls)
+    c.train.grad_accum_steps = 1  # micro-batches per optimizer step
+    # trainable weights and optimizer state are kept in this dtype; compute runs in model.dtype
+    c.train.master_dtype = "float32"
     c.train.loss_chunk = 4096
     c.train.trainable = "recipe"  # "recipe": attention, norms, routers; "all": every weight
     c.train.checkpoint_every = 100
@@ -154,6 +158,11 @@ def validate(config: ml_collections.ConfigDict, vocab_size: int) -> RunSettings:
     for name in ("steps", "checkpoint_every", "keep_checkpoints", "log_every"):
         _check(t[name] >= 1, f"train.{name}", f"must be >= 1, got {t[name]}")
     _check(
+        t.grad_accum_steps >= 1 and d.batch_size % t.grad_accum_steps == 0,
+        "train.grad_accum_steps",
+        f"must be >= 1 and divide data.batch_size ({d.batch_size}); got {t.grad_accum_steps}",
+    )
+    _check(
         t.steps > max(t.warmup_steps, t.sparsity_warmup_steps),
         "train.steps",
         f"{t.steps} must exceed train.warmup_steps ({t.warmup_steps}) and "
@@ -199,6 +208,10 @@ def validate(config: ml_collections.ConfigDict, vocab_size: int) -> RunSettings:
             loss_chunk=t.loss_chunk,
             trainable=t.trainable,
             route_all_steps=t.route_all_steps,
+            remat=t.remat,
+            grad_accum_steps=t.grad_accum_steps,
+            master_dtype=t.master_dtype,
+            compute_dtype=m.dtype,
         )
     with _section("data"):
         needles = NeedleMix(

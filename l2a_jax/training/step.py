@@ -22,8 +22,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from l2a_jax.batch import Batch
-from l2a_jax.config import ConfigError
-from l2a_jax.model import QwenModel
+from l2a_jax.config import ConfigError, resolve_dtype
+from l2a_jax.model import REMAT_POLICIES, QwenModel
 from l2a_jax.routing import RouterStats, Routing
 from l2a_jax.sharding import axis_size, param_shardings
 from l2a_jax.training.loss import RAMPS, chunked_next_token_loss, sparsity_loss, sparsity_weight
@@ -63,6 +63,10 @@ class TrainConfig:
     loss_chunk: int = 4096
     trainable: str = "recipe"
     route_all_steps: int = 0
+    remat: str = "none"
+    grad_accum_steps: int = 1
+    master_dtype: str | None = None
+    compute_dtype: str | None = None
 
     def __post_init__(self):
         if self.total_steps <= max(self.warmup_steps, self.sparsity_warmup_steps):
@@ -82,6 +86,16 @@ class TrainConfig:
             raise ConfigError(
                 f"trainable {self.trainable!r} is unknown; use one of {tuple(TRAINABLE_SETS)}"
             )
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"remat {self.remat!r} is unknown; use one of {REMAT_POLICIES}")
+        if self.grad_accum_steps < 1:
+            raise ConfigError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        for name in ("master_dtype", "compute_dtype"):
+            if getattr(self, name) is not None:
+                try:
+                    resolve_dtype(getattr(self, name))
+                except ConfigError as e:
+                    raise ConfigError(f"{name}: {e}") from e
         if self.route_all_steps < 0:
             raise ConfigError(f"route_all_steps must be >= 0, got {self.route_all_steps}")
         if self.loss_chunk < 1:
@@ -115,7 +129,11 @@ def init_state(model: QwenModel, cfg: TrainConfig, *, seed: int = 0):
     trainable parameters (a step donates its state), so ``model`` stays usable; the frozen
     weights are the model's own arrays."""
     graphdef, params, frozen = nnx.split(model, TRAINABLE_SETS[cfg.trainable], ...)
-    params = jax.tree.map(lambda x: jax.device_put(x, may_alias=False), params)
+    master = None if cfg.master_dtype is None else resolve_dtype(cfg.master_dtype)
+    params = jax.tree.map(
+        lambda x: jax.device_put(x, may_alias=False) if master is None else x.astype(master),
+        params,
+    )
     state = TrainState(
         jnp.zeros((), jnp.int32), params, make_optimizer(cfg).init(params), jax.random.key(seed)
     )
@@ -141,18 +159,26 @@ def train_step(
         ramp=cfg.sparsity_ramp,
     )
 
-    def loss_fn(params):
+    compute = None if cfg.compute_dtype is None else resolve_dtype(cfg.compute_dtype)
+
+    def loss_fn(params, micro: Batch, routing: Routing):
+        if compute is not None:
+            params = jax.tree.map(lambda x: x.astype(compute), params)
         model = nnx.merge(graphdef, params, frozen)
         hidden, stats = model.hidden_with_stats(
-            batch.input_ids, batch.positions, batch.segment_ids, routing=routing
+            micro.input_ids, micro.positions, micro.segment_ids, routing=routing, remat=cfg.remat
         )
         ce = chunked_next_token_loss(
-            hidden, model.output_head(), batch.input_ids, batch.loss_mask, chunk=cfg.loss_chunk
+            hidden, model.output_head(), micro.input_ids, micro.loss_mask, chunk=cfg.loss_chunk
         )
         reg = sparsity_loss(stats)
         return ce + lam * reg, (ce, reg, stats)
 
-    (loss, (ce, reg, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if cfg.grad_accum_steps == 1:
+        (loss, (ce, reg, stats)), grads = grad_fn(state.params, batch, routing)
+    else:
+        (loss, (ce, reg, stats)), grads = _accumulate(grad_fn, state.params, batch, routing, cfg)
     updates, opt_state = make_optimizer(cfg).update(grads, state.opt_state, state.params)
     metrics = {
         "loss": loss,
@@ -167,6 +193,33 @@ def train_step(
         metrics["router"] = stats
     params = optax.apply_updates(state.params, updates)
     return TrainState(state.step + 1, params, opt_state, rng), metrics
+
+
+def _accumulate(grad_fn, params, batch: Batch, routing: Routing, cfg: TrainConfig):
+    """``grad_fn`` over ``cfg.grad_accum_steps`` equal micro-batches in a scan: values,
+    gradients and router statistics averaged, so the step equals one over the whole batch
+    (exactly when every micro-batch has as many scored tokens). Each micro-batch draws its
+    random routes from its own key."""
+    k = cfg.grad_accum_steps
+    if batch.shape[0] % k:
+        raise ValueError(f"batch size {batch.shape[0]} does not split into {k} micro-batches")
+    micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
+
+    def one(total, inputs):
+        index, part = inputs
+        rng = None if routing.rng is None else jax.random.fold_in(routing.rng, index)
+        out = grad_fn(params, part, dataclasses.replace(routing, rng=rng))
+        return jax.tree.map(lambda t, o: t + o.astype(t.dtype) / k, total, out), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    shapes = jax.eval_shape(lambda p, m: grad_fn(p, m, routing), params, first)
+    # sums in at least float32, whatever the parameters' dtype
+    zeros = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), shapes
+    )
+    (value, grads), _ = jax.lax.scan(one, zeros, (jnp.arange(k), micro))
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    return value, grads
 
 
 def jit_train_step(
@@ -211,9 +264,15 @@ def jit_train_step(
     return sharded_step
 
 
-def trained_model(graphdef: nnx.GraphDef, state: TrainState, frozen: nnx.State) -> QwenModel:
-    """The model with the state's trainable parameters."""
-    return nnx.merge(graphdef, state.params, frozen)
+def trained_model(
+    graphdef: nnx.GraphDef, state: TrainState, frozen: nnx.State, dtype=None
+) -> QwenModel:
+    """The model with the state's trainable parameters (cast to ``dtype`` when given, e.g.
+    float32 master weights back to the model's bfloat16)."""
+    params = state.params
+    if dtype is not None:
+        params = jax.tree.map(lambda x: x.astype(resolve_dtype(dtype)), params)
+    return nnx.merge(graphdef, params, frozen)
 
 
 def flat_metrics(metrics: dict, layers: tuple[int, ...]) -> dict[str, float]:
