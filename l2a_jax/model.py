@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from l2a_jax.attention import AttentionBackend
 from l2a_jax.batch import as_token_ids, check_per_token
 from l2a_jax.config import L2AConfig, ModelConfig, resolve_dtype
+from l2a_jax.layer_scan import run_layers
 from l2a_jax.rope import apply_rope, rope_cos_sin
 from l2a_jax.routing import RouterStats, Routing, route_tokens
 from l2a_jax.sharding import ShardingRules
@@ -157,26 +158,38 @@ class L2ADecoderLayer(nnx.Module):
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def decide(self, s: jax.Array, routing: Routing):
-        """Router logits z (b, t) f32, sigma, the hard route (bool) and the gate d (float)."""
+    def decide(self, s: jax.Array, routing: Routing, index=None, density=None):
+        """Router logits z (b, t) f32, sigma, the hard route (bool) and the gate d (float).
+        ``index`` and ``density`` (traced when layers run in a scan) default to the layer's."""
         z = jnp.einsum("btd,d->bt", s, self.router[...], preferred_element_type=jnp.float32)
         sigma, route, gate = route_tokens(
             z,
             mode=self.mode,
-            density=self.density,
+            density=self.density if density is None else density,
             tau=self.l2a.tau,
             threshold=self.l2a.threshold,
             routing=routing,
-            layer_index=self.index,
+            layer_index=self.index if index is None else index,
         )
         return z, sigma, route, gate
 
-    def __call__(self, x, cos, sin, segment_ids, *, routing: Routing, backend: AttentionBackend):
+    def __call__(
+        self,
+        x,
+        cos,
+        sin,
+        segment_ids,
+        *,
+        routing: Routing,
+        backend: AttentionBackend,
+        index=None,
+        density=None,
+    ):
         q, k, v = self.attn.project_qkv(self.input_norm(x), cos, sin)
         local = backend.causal(q, k, v, segment_ids=segment_ids, window=self.l2a.window)
         h = x + self.attn.project_out(local)
         s = self.global_norm(h)
-        z, sigma, route, gate = self.decide(s, routing)
+        z, sigma, route, gate = self.decide(s, routing, index, density)
         if self.mode != "swa":
             q, k, v = self.global_attn.project_qkv(s, cos, sin)
 
@@ -322,24 +335,18 @@ class QwenModel(nnx.Module):
             spec = rules.spec(("batch", "seq"), self.mesh, (b, t))
             x = jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(*spec, None)))
 
-        def run_layer(layer, x):
+        def run_layer(layer, x, index, density):
             if isinstance(layer, L2ADecoderLayer):
-                return layer(x, cos, sin, segment_ids, routing=routing, backend=self.attention)
+                return layer(
+                    x, cos, sin, segment_ids, routing=routing, backend=self.attention,
+                    index=index, density=density,
+                )  # fmt: skip
             return layer(x, cos, sin, segment_ids, backend=self.attention), None
 
-        def run_remat(layer, x):  # a pure function of the layer's weights, recomputed
-            graph, weights = nnx.split(layer)
-            pure = jax.checkpoint(
-                lambda w, x: run_layer(nnx.merge(graph, w), x), policy=REMAT_POLICIES[remat]
-            )
-            return pure(weights, x)
-
-        stats = []
-        for layer in self.layers:
-            x, layer_stats = (run_layer if remat == "none" else run_remat)(layer, x)
-            if layer_stats is not None:
-                stats.append(layer_stats)
-        return self.final_norm(x), RouterStats.stack(stats)
+        x, stats = run_layers(
+            self.layers, x, run_layer, remat=remat != "none", remat_policy=REMAT_POLICIES[remat]
+        )
+        return self.final_norm(x), RouterStats.concat(stats)
 
     def __call__(
         self, input_ids, positions=None, segment_ids=None, *, routing: Routing | None = None

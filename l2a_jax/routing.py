@@ -45,7 +45,7 @@ class Routing:
 @dataclasses.dataclass(frozen=True)
 class RouterStats:
     """What L2A layers report about one forward pass; fields have a leading layer axis
-    (one entry per L2A layer, in layer order) once ``stack``-ed.
+    (one entry per L2A layer, in layer order) in what a model returns.
 
     ``routed_fraction``: fraction of tokens routed to global attention;
     ``sigma_sq_sum`` (.., batch): per sequence, the sum over tokens of sigma^2 (the sparsity
@@ -74,11 +74,12 @@ class RouterStats:
         )
 
     @classmethod
-    def stack(cls, per_layer: list[RouterStats]) -> RouterStats | None:
-        """One ``RouterStats`` with a leading layer axis, or None for a model without L2A."""
-        if not per_layer:
+    def concat(cls, groups: list[RouterStats]) -> RouterStats | None:
+        """One ``RouterStats`` from groups of layers (each with a leading layer axis), or None
+        for a model without L2A layers."""
+        if not groups:
             return None
-        return jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+        return jax.tree.map(lambda *xs: jnp.concatenate(xs), *groups)
 
 
 def route_tokens(

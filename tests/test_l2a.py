@@ -2,6 +2,7 @@
 saving and loading."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -429,3 +430,32 @@ def test_auto_attention_falls_back_to_reference_where_kernels_cannot_run():
     assert resolve_impl("pallas", 24) == "pallas"  # explicit: the kernel raises its own error
     with pytest.raises(ConfigError, match="attention impl 'cuda' is unknown"):
         resolve_impl("cuda", 128)
+
+
+def test_layers_of_one_structure_run_in_one_scan(rng):
+    """Compile time independent of depth: the traced program is the same size for 2 and 12
+    layers, with one scan per run of consecutive layers of one structure."""
+    from l2a_jax import ModelConfig, QwenModel
+
+    def program(num_layers, l2a):
+        cfg = ModelConfig("Qwen3ForCausalLM", 101, 32, 48, num_layers, 4, 2, 8, qk_norm=True)
+        model = convert_to_l2a(QwenModel(cfg, attention_impl="xla", rngs=nnx.Rngs(0)), l2a)
+        graphdef, params = nnx.split(model)
+        ids = jnp.asarray(rng.integers(0, 101, (2, 16)))
+        jaxpr = jax.make_jaxpr(lambda p: nnx.merge(graphdef, p).forward_with_stats(ids))(params)
+        return jaxpr.jaxpr
+
+    def count(jaxpr, name=None):
+        total = 0
+        for eqn in jaxpr.eqns:
+            total += name is None or eqn.primitive.name == name
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                total += count(sub, name)
+        return total
+
+    every_layer = L2AConfig(window=4)
+    assert count(program(2, every_layer)) == count(program(12, every_layer))
+    assert count(program(12, every_layer), "scan") == 1
+    # base layer 0, L2A layers 1-2, base layers 3-5: two scans and one layer run on its own
+    mixed = program(6, L2AConfig(window=4, layers=(1, 2)))
+    assert count(mixed, "scan") == 2
