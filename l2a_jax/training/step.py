@@ -49,7 +49,17 @@ class TrainConfig:
     ``total_steps``), and ``dense_step_prob``: the probability that a step runs the global
     branch over every token. ``loss_chunk``: sequence positions whose logits the loss computes
     at once (see ``chunked_next_token_loss``). ``trainable``: ``recipe`` (attention, norms
-    and routers; MLPs and embeddings frozen) or ``all``."""
+    and routers; MLPs and embeddings frozen) or ``all``.
+
+    ``route_all_steps``: for the first steps every token is routed (the routers still learn
+    through the straight-through gradient), so the global branches of a model trained from
+    scratch become useful before the routers decide; 0 for a converted model, whose
+    zero-initialised routers route every token anyway. ``remat``: what each layer's backward
+    recomputes (``model.REMAT_POLICIES``). ``grad_accum_steps``: a batch is split into that
+    many micro-batches whose gradients are averaged before one optimizer update.
+    ``master_dtype``: the dtype trainable parameters and the optimizer state are kept in
+    (None: the model's); ``compute_dtype``: the dtype they are cast to for the forward and
+    backward (None: as kept), e.g. float32 master weights with bfloat16 compute."""
 
     learning_rate: float = 5e-5
     warmup_steps: int = 209
@@ -87,7 +97,9 @@ class TrainConfig:
                 f"trainable {self.trainable!r} is unknown; use one of {tuple(TRAINABLE_SETS)}"
             )
         if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"remat {self.remat!r} is unknown; use one of {REMAT_POLICIES}")
+            raise ConfigError(
+                f"remat {self.remat!r} is unknown; use one of {tuple(REMAT_POLICIES)}"
+            )
         if self.grad_accum_steps < 1:
             raise ConfigError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         for name in ("master_dtype", "compute_dtype"):
