@@ -238,3 +238,24 @@ def test_recipe_config_trains_a_local_hf_checkpoint(tmp_path):
     done = recipe(small, tmp_path / "run2")
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "tokenizer's vocabulary (257) does not fit the model's (101)" in done.stderr
+
+
+@pytest.mark.slow
+def test_eight_simulated_devices_give_the_losses_of_one(tmp_path):
+    mesh_env = {**env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    sharded = [
+        "--config.data.batch_size=4", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+        "--config.mesh.tensor=2", "--config.train.steps=4",
+    ]  # fmt: skip
+    single = ["--config.data.batch_size=4", "--config.train.steps=4"]
+    for workdir, args, run_env in (
+        (tmp_path / "eight", sharded, mesh_env),
+        (tmp_path / "one", single, env()),
+    ):
+        done = subprocess.run(command(workdir, *args), env=run_env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+    eight, one = read_metrics(tmp_path / "eight"), read_metrics(tmp_path / "one")
+    assert [r["step"] for r in eight] == [1, 2, 3, 4]
+    for got, want in zip(eight, one, strict=True):
+        for key in ("loss", "cross_entropy", "routed_fraction", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), key
