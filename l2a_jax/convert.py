@@ -63,6 +63,6 @@ def convert_to_l2a(
             if source != path:
                 # a copy, not the base array itself: the two branches train apart, and a
                 # training step that donates its state must not meet one buffer twice
-                value = jax.device_put(value, may_alias=False)
+                value = jnp.copy(value)  # keeps the sharding
         flat.append((path, var.replace(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -2,6 +2,7 @@
 resumed, bad configs and damaged checkpoints."""
 
 import json
+import math
 import os
 import pathlib
 import signal
@@ -259,3 +260,56 @@ def test_eight_simulated_devices_give_the_losses_of_one(tmp_path):
     for got, want in zip(eight, one, strict=True):
         for key in ("loss", "cross_entropy", "routed_fraction", "grad_norm"):
             assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), key
+
+
+@pytest.mark.slow
+def test_two_processes_train_resume_and_export_together(tmp_path):
+    """Two local processes (4 simulated devices each, one 8-device mesh): each reads its own
+    share of the data, process 0 alone writes logs and the model, and a run stopped at step 6
+    and resumed logs the losses of one that ran through."""
+    import portpicker
+
+    def launch(workdir, kill_after_checkpoint=None):
+        port = portpicker.pick_unused_port()
+        args = [
+            "--config.data.batch_size=4", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+            "--config.mesh.tensor=2", "--config.train.steps=9",
+            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+        ]  # fmt: skip
+        run_env = {**env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+        procs = [
+            subprocess.Popen(
+                command(workdir, *args, f"--process_id={i}"),
+                env=run_env,
+                text=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )  # fmt: skip
+            for i in range(2)
+        ]
+        if kill_after_checkpoint is not None:
+            done = workdir / "checkpoints" / str(kill_after_checkpoint) / "commit_success.txt"
+            deadline = time.monotonic() + 300
+            while not done.exists():
+                assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
+                time.sleep(0.01)
+            for proc in procs:
+                proc.send_signal(signal.SIGKILL)
+        for proc in procs:
+            _, err = proc.communicate(timeout=600)
+            if kill_after_checkpoint is None:
+                assert proc.returncode == 0, err[-3000:]
+
+    launch(tmp_path / "through")
+    launch(tmp_path / "resumed", kill_after_checkpoint=6)
+    data_files = {p.name for p in (tmp_path / "resumed/checkpoints/6/data").iterdir()}
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= data_files
+    assert not (tmp_path / "resumed" / "model").exists()
+    launch(tmp_path / "resumed")
+    records = read_metrics(tmp_path / "resumed")
+    assert [r["step"] for r in records] == list(range(1, 10))  # written once, by process 0
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "through")
+    assert all(math.isfinite(r["loss"]) for r in records)
+    from l2a_jax import from_hf
+
+    assert from_hf(tmp_path / "resumed" / "model", attention_impl="xla").l2a is not None

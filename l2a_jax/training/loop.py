@@ -9,16 +9,20 @@ per-layer routed fractions, ...), ``tensorboard/`` (event files), and at the end
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
 
 from l2a_jax.batch import Batch
 from l2a_jax.config import ConfigError
@@ -41,10 +45,10 @@ class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or infinite loss; the message names the step and checkpoint."""
 
 
-def _prepare_workdir(workdir: Path, config: ml_collections.ConfigDict) -> None:
+def _prepare_workdir(workdir: Path, config: ml_collections.ConfigDict, write: bool = True):
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_test"
+        probe = workdir / f".write_test.{os.getpid()}"  # one per process of a run
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -66,9 +70,10 @@ def _prepare_workdir(workdir: Path, config: ml_collections.ConfigDict) -> None:
                 f"workdir {workdir} holds a run with other settings ({', '.join(changed)}); "
                 "resume it with its own config.json, or pass a new --workdir"
             )
-    tmp = saved_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
-    tmp.replace(saved_file)
+    if write:
+        tmp = saved_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
+        tmp.replace(saved_file)
 
 
 def _mesh(shape: tuple[int, int, int]):
@@ -105,7 +110,9 @@ def _build_model(settings: RunSettings, mesh, seed: int) -> QwenModel:
             rngs=nnx.Rngs(seed),
         )
         graphdef, params = nnx.split(model)
-        model = nnx.merge(graphdef, jax.device_put(params, param_shardings(params, mesh)))
+        # from host values, which every process has whole: a sharding may span processes
+        host = jax.tree.map(np.asarray, params)
+        model = nnx.merge(graphdef, jax.device_put(host, param_shardings(params, mesh)))
     if settings.l2a is not None:
         if model.l2a is not None:
             raise ConfigError(
@@ -123,7 +130,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
     tokenizer = make_tokenizer(config.data.tokenizer)
     settings = validate(config, tokenizer.vocab_size)
     docs = read_text_files(list(config.data.files)) if config.data.files else embedded_corpus()
-    _prepare_workdir(workdir, config)
+    if config.data.batch_size % jax.process_count():
+        raise ConfigError(
+            f"config field data.batch_size: {config.data.batch_size} rows do not split over "
+            f"{jax.process_count()} processes"
+        )
+    _prepare_workdir(workdir, config, write=jax.process_index() == 0)
     mesh = _mesh(settings.mesh_shape)
     seed, steps = config.train.seed, config.train.steps
     model = _build_model(settings, mesh, seed)
@@ -141,7 +153,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
             docs,
             tokenizer,
             seq_len=config.data.seq_len,
-            batch_size=config.data.batch_size,
+            batch_size=config.data.batch_size // jax.process_count(),
             seed=seed,
             needles=settings.needles,
             process_index=jax.process_index(),
@@ -155,16 +167,21 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
     )
     start = checkpoints.latest() or 0
     if start:
-        state, data_state = checkpoints.restore(start, abstract_like(state))
-        batches.set_state(data_state)
+        state = checkpoints.restore(start, abstract_like(state), batches)
         logger.info("resumed %s at step %d", workdir, start)
     step_fn = jit_train_step(graphdef, settings.train, state, frozen)
-    log = MetricsLog(workdir, start=start, total=steps)
+    log = MetricsLog(workdir, start=start, total=steps, enabled=jax.process_index() == 0)
+    rules = trained_model(graphdef, state, frozen).attention.rules
+    tokens = NamedSharding(mesh, rules.spec(("batch", "seq"), mesh))
     tokens_per_step = config.data.seq_len * config.data.batch_size
     try:
         last_time = time.perf_counter()
         for step in range(start, steps):
-            batch = Batch(**{k: jnp.asarray(v) for k, v in next(batches).items()})
+            # each process holds its own rows; together they are the global batch
+            local = next(batches)
+            batch = Batch(
+                **{k: jax.make_array_from_process_local_data(tokens, v) for k, v in local.items()}
+            )
             state, metrics = step_fn(state, frozen, batch)
             done = step + 1
             due = done % config.train.checkpoint_every == 0 or done == steps
@@ -183,11 +200,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
                 log.write(done, values)
             log.advance(done)
             if due:
-                checkpoints.save(done, state, batches.get_state(), force=True)
+                checkpoints.save(done, state, batches, force=True)
         checkpoints.wait()
     finally:
         log.close()
         checkpoints.close()
-    to_hf(trained_model(graphdef, state, frozen, dtype=settings.dtype), workdir / "model")
-    plot_run(workdir)
+    # every process takes part in gathering the weights; the first one writes them
+    params, frozen = multihost_utils.process_allgather((state.params, frozen), tiled=True)
+    if jax.process_index() == 0:
+        model = trained_model(graphdef, dataclasses.replace(state, params=params), frozen)
+        to_hf(model, workdir / "model", dtype=settings.dtype)
+        plot_run(workdir)
     return workdir

@@ -17,7 +17,11 @@ class MetricsLog:
     run, lines past the resumed step (written after the checkpoint by the run that stopped)
     are dropped, so the file reads as one uninterrupted run."""
 
-    def __init__(self, workdir: Path, *, start: int, total: int):
+    def __init__(self, workdir: Path, *, start: int, total: int, enabled: bool = True):
+        self.enabled = enabled
+        self.last_step = start
+        if not enabled:  # another process writes the logs
+            return
         from tensorboardX import SummaryWriter
 
         self.path = workdir / METRICS
@@ -37,9 +41,11 @@ class MetricsLog:
         self.file = self.path.open("a")
         self.writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1)
         self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-        self.last_step = start
 
     def write(self, step: int, values: dict[str, float]) -> None:
+        self.last_step = step
+        if not self.enabled:
+            return
         self.file.write(json.dumps({"step": step, **values}) + "\n")
         self.file.flush()
         for name, value in values.items():
@@ -48,12 +54,14 @@ class MetricsLog:
         if "routed_fraction" in values:
             postfix["routed"] = f"{values['routed_fraction']:.2f}"
         self.bar.set_postfix(postfix, refresh=False)
-        self.last_step = step
 
     def advance(self, step: int) -> None:
-        self.bar.update(step - self.bar.n)
+        if self.enabled:
+            self.bar.update(step - self.bar.n)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.bar.close()
         self.writer.close()
         self.file.close()

@@ -122,7 +122,7 @@ class TrainState:
     step: jax.Array
     params: nnx.State  # the trainable parameters
     opt_state: Any
-    rng: jax.Array
+    rng: jax.Array  # raw key data (uint32), which every checkpoint format stores
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
@@ -143,11 +143,14 @@ def init_state(model: QwenModel, cfg: TrainConfig, *, seed: int = 0):
     graphdef, params, frozen = nnx.split(model, TRAINABLE_SETS[cfg.trainable], ...)
     master = None if cfg.master_dtype is None else resolve_dtype(cfg.master_dtype)
     params = jax.tree.map(
-        lambda x: jax.device_put(x, may_alias=False) if master is None else x.astype(master),
+        lambda x: jnp.copy(x) if master is None else x.astype(master),
         params,
     )
     state = TrainState(
-        jnp.zeros((), jnp.int32), params, make_optimizer(cfg).init(params), jax.random.key(seed)
+        jnp.zeros((), jnp.int32),
+        params,
+        make_optimizer(cfg).init(params),
+        jax.random.key_data(jax.random.key(seed)),
     )
     return graphdef, state, frozen
 
@@ -158,7 +161,7 @@ def train_step(
     """One optimizer step; pure. Metrics: ``loss``, ``cross_entropy``, ``sparsity_loss``,
     ``sparsity_weight``, ``dense_step``, ``grad_norm``, ``routed_fraction`` (mean over L2A
     layers) and ``router`` (``RouterStats`` per L2A layer; absent without L2A layers)."""
-    rng, coin_key, route_key = jax.random.split(state.rng, 3)
+    rng, coin_key, route_key = jax.random.split(jax.random.wrap_key_data(state.rng), 3)
     dense = jax.random.bernoulli(coin_key, cfg.dense_step_prob)
     routing = Routing(
         train=True, dense=dense, route_all=state.step < cfg.route_all_steps, rng=route_key
@@ -204,7 +207,7 @@ def train_step(
         metrics["routed_fraction"] = jnp.mean(stats.routed_fraction)
         metrics["router"] = stats
     params = optax.apply_updates(state.params, updates)
-    return TrainState(state.step + 1, params, opt_state, rng), metrics
+    return TrainState(state.step + 1, params, opt_state, jax.random.key_data(rng)), metrics
 
 
 def _accumulate(grad_fn, params, batch: Batch, routing: Routing, cfg: TrainConfig):
@@ -267,13 +270,28 @@ def jit_train_step(
                 f"data-parallel devices ({dict(mesh.shape)}); use a multiple of {batch_parts}"
             )
         # placed as the step's outputs are, so the first call compiles the program every later
-        # call reuses (a no-op for arrays already there)
-        state = jax.device_put(state, state_sharding)
-        frozen = jax.device_put(frozen, frozen_sharding)
-        return jitted(state, frozen, jax.device_put(batch, tokens))
+        # call reuses (nothing moves for arrays already there)
+        state = _place(state, state_sharding)
+        frozen = _place(frozen, frozen_sharding)
+        return jitted(state, frozen, _place(batch, tokens))
 
     sharded_step._cache_size = jitted._cache_size  # compiled programs, as on a jitted function
     return sharded_step
+
+
+def _place(tree, shardings):
+    """Each array of ``tree`` on its sharding (``shardings`` is a prefix of ``tree``). An array
+    already laid out so stays as it is; any other (a counter or key made on one device, a host
+    value) is a value every process holds whole, laid out from the host, so this also works
+    when the shardings span several processes."""
+
+    def one(x, sharding):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+            return x
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(lambda sh, sub: jax.tree.map(lambda x: one(x, sh), sub), shardings, tree)
 
 
 def trained_model(
