@@ -164,6 +164,15 @@ def test_bad_configs_fail_at_start_with_the_field_named(tmp_path, args, match):
     assert match in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
 
 
+def test_a_batch_the_mesh_cannot_split_is_refused(tmp_path):
+    args = ["--config.data.batch_size=3", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+            "--config.mesh.tensor=2"]  # fmt: skip
+    run_env = {**env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    done = subprocess.run(command(tmp_path, *args), env=run_env, capture_output=True, text=True)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "data.batch_size: 3 rows do not split over the mesh's 4" in done.stderr
+
+
 def test_unwritable_workdir_and_changed_settings(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -30,7 +30,7 @@ from l2a_jax.convert import convert_to_l2a
 from l2a_jax.data import embedded_corpus, make_tokenizer, read_text_files, training_batches
 from l2a_jax.hf import from_hf, to_hf
 from l2a_jax.model import QwenModel
-from l2a_jax.sharding import make_mesh, param_shardings
+from l2a_jax.sharding import axis_size, make_mesh, param_shardings
 from l2a_jax.training.checkpoints import Checkpoints, abstract_like
 from l2a_jax.training.report import MetricsLog, plot_run
 from l2a_jax.training.run_config import RunSettings, validate
@@ -145,6 +145,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
             f"does not fit the model's ({model.cfg.vocab_size}); use the checkpoint's own "
             "tokenizer (data.tokenizer=/path/to/checkpoint)"
         )
+    tokens = NamedSharding(mesh, model.attention.rules.spec(("batch", "seq"), mesh))
+    if config.data.batch_size % axis_size(mesh, tokens.spec[0]):
+        raise ConfigError(
+            f"config field data.batch_size: {config.data.batch_size} rows do not split over "
+            f"the mesh's {axis_size(mesh, tokens.spec[0])} data-parallel devices"
+        )
     graphdef, state, frozen = init_state(model, settings.train, seed=seed)
     layers = model.l2a_layers
     del model  # the state holds the trainable weights, ``frozen`` the rest
@@ -171,8 +177,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
         logger.info("resumed %s at step %d", workdir, start)
     step_fn = jit_train_step(graphdef, settings.train, state, frozen)
     log = MetricsLog(workdir, start=start, total=steps, enabled=jax.process_index() == 0)
-    rules = trained_model(graphdef, state, frozen).attention.rules
-    tokens = NamedSharding(mesh, rules.spec(("batch", "seq"), mesh))
     tokens_per_step = config.data.seq_len * config.data.batch_size
     try:
         last_time = time.perf_counter()
