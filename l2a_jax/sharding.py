@@ -81,6 +81,16 @@ def axis_size(mesh: Mesh, axes) -> int:
     return int(np.prod([mesh.shape[a] for a in names]))
 
 
+def batch_sharding(mesh: Mesh, rules: ShardingRules | None = None) -> NamedSharding:
+    """Where a (batch, seq) input goes: rows split over the data axes, each row whole."""
+    return (rules or ShardingRules()).sharding(("batch", "seq"), mesh)
+
+
+def data_parallel_size(mesh: Mesh, rules: ShardingRules | None = None) -> int:
+    """Devices a batch's rows are split over: the batch size must be a multiple of it."""
+    return axis_size(mesh, batch_sharding(mesh, rules).spec[0])
+
+
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
     """A ('data', 'fsdp', 'tensor') mesh over ``devices`` (default: all)."""
     devices = jax.devices() if devices is None else devices

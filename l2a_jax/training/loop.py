@@ -9,7 +9,6 @@ per-layer routed fractions, ...), ``tensorboard/`` (event files), and at the end
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -22,7 +21,6 @@ import ml_collections
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
 
 from l2a_jax.batch import Batch
 from l2a_jax.config import ConfigError
@@ -30,11 +28,11 @@ from l2a_jax.convert import convert_to_l2a
 from l2a_jax.data import embedded_corpus, make_tokenizer, read_text_files, training_batches
 from l2a_jax.hf import from_hf, to_hf
 from l2a_jax.model import QwenModel
-from l2a_jax.sharding import axis_size, make_mesh, param_shardings
+from l2a_jax.sharding import batch_sharding, data_parallel_size, make_mesh, param_shardings
 from l2a_jax.training.checkpoints import Checkpoints, abstract_like
 from l2a_jax.training.report import MetricsLog, plot_run
 from l2a_jax.training.run_config import RunSettings, validate
-from l2a_jax.training.step import flat_metrics, init_state, jit_train_step, trained_model
+from l2a_jax.training.step import flat_metrics, init_state, jit_train_step
 
 logger = logging.getLogger(__name__)
 # sections that must match the run a workdir's checkpoints came from
@@ -145,11 +143,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
             f"does not fit the model's ({model.cfg.vocab_size}); use the checkpoint's own "
             "tokenizer (data.tokenizer=/path/to/checkpoint)"
         )
-    tokens = NamedSharding(mesh, model.attention.rules.spec(("batch", "seq"), mesh))
-    if config.data.batch_size % axis_size(mesh, tokens.spec[0]):
+    tokens = batch_sharding(mesh, model.attention.rules)
+    parts = data_parallel_size(mesh, model.attention.rules)
+    if config.data.batch_size % parts:
         raise ConfigError(
             f"config field data.batch_size: {config.data.batch_size} rows do not split over "
-            f"the mesh's {axis_size(mesh, tokens.spec[0])} data-parallel devices"
+            f"the mesh's {parts} data-parallel devices"
         )
     graphdef, state, frozen = init_state(model, settings.train, seed=seed)
     layers = model.l2a_layers
@@ -212,7 +211,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
     # every process takes part in gathering the weights; the first one writes them
     params, frozen = multihost_utils.process_allgather((state.params, frozen), tiled=True)
     if jax.process_index() == 0:
-        model = trained_model(graphdef, dataclasses.replace(state, params=params), frozen)
+        model = nnx.merge(graphdef, params, frozen)
         to_hf(model, workdir / "model", dtype=settings.dtype)
         plot_run(workdir)
     return workdir

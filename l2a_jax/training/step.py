@@ -25,7 +25,7 @@ from l2a_jax.batch import Batch
 from l2a_jax.config import ConfigError, resolve_dtype
 from l2a_jax.model import REMAT_POLICIES, QwenModel
 from l2a_jax.routing import RouterStats, Routing
-from l2a_jax.sharding import axis_size, param_shardings
+from l2a_jax.sharding import batch_sharding, data_parallel_size, param_shardings
 from l2a_jax.training.loss import RAMPS, chunked_next_token_loss, sparsity_loss, sparsity_weight
 
 TRAINABLE = (
@@ -253,8 +253,8 @@ def jit_train_step(
     if mesh is None:
         return jax.jit(step, donate_argnums=0)
     state_sharding = param_shardings(state, mesh, rules)
-    tokens = NamedSharding(mesh, rules.spec(("batch", "seq"), mesh))
-    batch_parts = axis_size(mesh, tokens.spec[0])
+    tokens = batch_sharding(mesh, rules)
+    batch_parts = data_parallel_size(mesh, rules)
     frozen_sharding = param_shardings(frozen, mesh, rules)
     jitted = jax.jit(
         step,
@@ -294,15 +294,9 @@ def _place(tree, shardings):
     return jax.tree.map(lambda sh, sub: jax.tree.map(lambda x: one(x, sh), sub), shardings, tree)
 
 
-def trained_model(
-    graphdef: nnx.GraphDef, state: TrainState, frozen: nnx.State, dtype=None
-) -> QwenModel:
-    """The model with the state's trainable parameters (cast to ``dtype`` when given, e.g.
-    float32 master weights back to the model's bfloat16)."""
-    params = state.params
-    if dtype is not None:
-        params = jax.tree.map(lambda x: x.astype(resolve_dtype(dtype)), params)
-    return nnx.merge(graphdef, params, frozen)
+def trained_model(graphdef: nnx.GraphDef, state: TrainState, frozen: nnx.State) -> QwenModel:
+    """The model with the state's trainable parameters."""
+    return nnx.merge(graphdef, state.params, frozen)
 
 
 def flat_metrics(metrics: dict, layers: tuple[int, ...]) -> dict[str, float]:
