@@ -145,3 +145,24 @@ def test_float32_master_weights_with_bfloat16_compute(rng):
     }
     _, f32 = _one_step(model, np.random.default_rng(0))
     np.testing.assert_allclose(metrics["cross_entropy"], f32["cross_entropy"], rtol=2e-2)
+
+
+@pytest.mark.parametrize("master_dtype", [None, "float32"])
+def test_the_model_stays_usable_after_donating_steps(master_dtype, rng):
+    """The state holds its own copies of the trainable weights, also when the master dtype is
+    the model's own, so donating the state never consumes the model's arrays."""
+    from l2a_jax import Batch
+    from l2a_jax.training import init_state, jit_train_step
+
+    model = _tiny_l2a()
+    ids = rng.integers(0, 61, (2, 12))
+    before = np.asarray(model(ids))
+    cfg = TrainConfig(
+        learning_rate=1e-2, warmup_steps=1, total_steps=10, sparsity_warmup_steps=1,
+        master_dtype=master_dtype,
+    )  # fmt: skip
+    graphdef, state, frozen = init_state(model, cfg)
+    step = jit_train_step(graphdef, cfg, state, frozen)
+    for _ in range(2):
+        state, _ = step(state, frozen, Batch.of(ids))
+    np.testing.assert_array_equal(np.asarray(model(ids)), before)

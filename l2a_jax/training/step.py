@@ -142,9 +142,10 @@ def init_state(model: QwenModel, cfg: TrainConfig, *, seed: int = 0):
     weights are the model's own arrays."""
     graphdef, params, frozen = nnx.split(model, TRAINABLE_SETS[cfg.trainable], ...)
     master = None if cfg.master_dtype is None else resolve_dtype(cfg.master_dtype)
+    # a fresh buffer in every case: ``astype`` to the dtype an array already has returns the
+    # array itself, which the first (donating) step would then take from the model
     params = jax.tree.map(
-        lambda x: jnp.copy(x) if master is None else x.astype(master),
-        params,
+        lambda x: x.astype(master) if master not in (None, x.dtype) else jnp.copy(x), params
     )
     state = TrainState(
         jnp.zeros((), jnp.int32),
