@@ -3,6 +3,7 @@
 from l2a_jax.batch import Batch
 from l2a_jax.config import ConfigError, L2AConfig, ModelConfig, RopeConfig
 from l2a_jax.convert import convert_to_l2a
+from l2a_jax.generate import generate
 from l2a_jax.hf import from_hf, to_hf
 from l2a_jax.model import QwenModel, forward, forward_with_stats, split_model
 from l2a_jax.routing import RouterStats, Routing
@@ -22,6 +23,7 @@ __all__ = [
     "forward",
     "forward_with_stats",
     "from_hf",
+    "generate",
     "split_model",
     "to_hf",
 ]

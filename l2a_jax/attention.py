@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -147,6 +148,24 @@ class AttentionBackend:
             q, k, v, route, segment_ids=segment_ids
         )
 
+    def decode(self, q, k_cache, v_cache, num_keys, *, route=None) -> jax.Array:
+        """One new query per row against a cache: q (b, 1, hq, d) reads the first
+        ``num_keys`` (b,) slots of the caches (b, slots, hkv, d). With ``route`` (b,) bool,
+        rows not routed give zero and skip the read: on the GPU the Pallas decode kernel's
+        programs for such rows return at once; the jnp path skips it when no row routes."""
+        if self.runs_as == "pallas" and self.mesh is None:
+            import pallas_kernels
+
+            return pallas_kernels.decode_attention(q, k_cache, v_cache, num_keys, route=route)
+        from pallas_kernels import reference
+
+        def read():
+            return reference.decode_attention_reference(q, k_cache, v_cache, num_keys, route)
+
+        if route is None:
+            return read()
+        return jax.lax.cond(jnp.any(route), read, lambda: jnp.zeros_like(q))
+
     def _on_mesh(self, kernel, q, k, v, *per_token, segment_ids):
         """``kernel(q, k, v, *per_token, segment_ids=...)``, shard-mapped when there is a mesh.
         ``per_token`` arrays are (b, t) like ``segment_ids``."""
@@ -169,6 +188,38 @@ class AttentionBackend:
             out_specs=qkv,
             check_vma=False,  # pallas_call carries no varying-manual-axes types
         )(q, k, v, *extra)
+
+
+class Attend(Protocol):
+    """The three attention calls a decoder layer makes; q (b, t, hq, d), k/v (b, t, hkv, d)
+    -> (b, t, hq, d). ``SequenceAttention`` runs them over whole sequences; generation runs
+    them for new tokens against KV caches."""
+
+    def full(self, q, k, v) -> jax.Array:
+        """Causal attention over every earlier key."""
+
+    def local(self, q, k, v, window: int) -> jax.Array:
+        """Causal attention over the last ``window`` keys, the query's own included."""
+
+    def routed(self, q, k, v, route) -> jax.Array:
+        """``full`` for queries with ``route`` (b, t) true, exactly zero for the others."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceAttention:
+    """``Attend`` over whole (packed) sequences: training, scoring and prefill."""
+
+    backend: AttentionBackend
+    segment_ids: jax.Array | None = None
+
+    def full(self, q, k, v) -> jax.Array:
+        return self.backend.causal(q, k, v, segment_ids=self.segment_ids)
+
+    def local(self, q, k, v, window: int) -> jax.Array:
+        return self.backend.causal(q, k, v, segment_ids=self.segment_ids, window=window)
+
+    def routed(self, q, k, v, route) -> jax.Array:
+        return self.backend.routed(q, k, v, route, segment_ids=self.segment_ids)
 
 
 def _cudnn_causal(q, k, v, *, local_window_size, segment_ids=None):

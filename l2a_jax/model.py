@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from l2a_jax.attention import AttentionBackend
+from l2a_jax.attention import Attend, AttentionBackend, SequenceAttention
 from l2a_jax.batch import as_token_ids, check_per_token
 from l2a_jax.config import L2AConfig, ModelConfig, resolve_dtype
 from l2a_jax.layer_scan import run_layers
@@ -98,10 +98,6 @@ class Attention(nnx.Module):
             out = out + self.bo[...]
         return out
 
-    def __call__(self, x, cos, sin, segment_ids, *, backend: AttentionBackend) -> jax.Array:
-        q, k, v = self.project_qkv(x, cos, sin)
-        return self.project_out(backend.causal(q, k, v, segment_ids=segment_ids))
-
 
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
@@ -124,8 +120,11 @@ class DecoderLayer(nnx.Module):
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, segment_ids, *, backend: AttentionBackend) -> jax.Array:
-        x = x + self.attn(self.input_norm(x), cos, sin, segment_ids, backend=backend)
+    def __call__(self, x, cos, sin, attend: Attend) -> jax.Array:
+        """``attend`` runs the attention itself: over whole sequences (``SequenceAttention``)
+        or one new token against a cache (``generate.py``)."""
+        q, k, v = self.attn.project_qkv(self.input_norm(x), cos, sin)
+        x = x + self.attn.project_out(attend.full(q, k, v))
         return x + self.mlp(self.post_norm(x))
 
 
@@ -178,26 +177,24 @@ class L2ADecoderLayer(nnx.Module):
         x,
         cos,
         sin,
-        segment_ids,
+        attend: Attend,
         *,
         routing: Routing,
-        backend: AttentionBackend,
         index=None,
         density=None,
     ):
         q, k, v = self.attn.project_qkv(self.input_norm(x), cos, sin)
-        local = backend.causal(q, k, v, segment_ids=segment_ids, window=self.l2a.window)
-        h = x + self.attn.project_out(local)
+        h = x + self.attn.project_out(attend.local(q, k, v, self.l2a.window))
         s = self.global_norm(h)
         z, sigma, route, gate = self.decide(s, routing, index, density)
         if self.mode != "swa":
             q, k, v = self.global_attn.project_qkv(s, cos, sin)
 
             def dense(q, k, v, route):
-                return backend.causal(q, k, v, segment_ids=segment_ids)
+                return attend.full(q, k, v)
 
             def sparse(q, k, v, route):
-                return backend.routed(q, k, v, route, segment_ids=segment_ids)
+                return attend.routed(q, k, v, route)
 
             if self.mode == "full" or routing.dense is True:
                 heads = dense(q, k, v, route)
@@ -324,29 +321,67 @@ class QwenModel(nnx.Module):
         routing = routing or Routing()
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        cos, sin = rope_cos_sin(
-            self.cfg.rope, self.cfg.head_dim, self.cfg.max_position_embeddings, positions
-        )
-        # ids outside [0, vocab) read NaN rows (negative ids must not wrap around)
-        safe_ids = jnp.where(input_ids < 0, self.cfg.vocab_size, input_ids)
-        x = jnp.take(self.embed[...], safe_ids, axis=0, mode="fill", fill_value=jnp.nan)
+        cos, sin = self.rope(positions)
+        x = self.embed_tokens(input_ids)
         if self.mesh is not None:  # activations: split by batch, whole along the hidden size
             rules = self.attention.rules
             spec = rules.spec(("batch", "seq"), self.mesh, (b, t))
             x = jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(*spec, None)))
 
-        def run_layer(layer, x, index, density):
-            if isinstance(layer, L2ADecoderLayer):
-                return layer(
-                    x, cos, sin, segment_ids, routing=routing, backend=self.attention,
-                    index=index, density=density,
-                )  # fmt: skip
-            return layer(x, cos, sin, segment_ids, backend=self.attention), None
-
-        x, stats = run_layers(
-            self.layers, x, run_layer, remat=remat != "none", remat_policy=REMAT_POLICIES[remat]
+        attend = SequenceAttention(self.attention, segment_ids)
+        x, stats, _ = self.run_decoder(
+            x, cos, sin, lambda cache: attend, routing=routing, remat=remat
         )
         return self.final_norm(x), RouterStats.concat(stats)
+
+    def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
+        """(b, t) ids -> (b, t, hidden); ids outside [0, vocab) read NaN rows (negative ids
+        must not wrap around)."""
+        safe_ids = jnp.where(input_ids < 0, self.cfg.vocab_size, input_ids)
+        return jnp.take(self.embed[...], safe_ids, axis=0, mode="fill", fill_value=jnp.nan)
+
+    def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The rotary cos and sin tables (b, t, head_dim) of ``positions`` (b, t)."""
+        return rope_cos_sin(
+            self.cfg.rope, self.cfg.head_dim, self.cfg.max_position_embeddings, positions
+        )
+
+    def run_decoder(
+        self,
+        x,
+        cos,
+        sin,
+        attention,
+        *,
+        routing: Routing,
+        remat: str = "none",
+        caches: list | None = None,
+        groups: list | None = None,
+    ) -> tuple[jax.Array, list[RouterStats], list]:
+        """The layers over ``x``. ``attention(cache) -> attend`` gives each layer the object
+        that runs its attention calls (``SequenceAttention``, or a cache-reading one in
+        ``generate.py``), with that layer's slice of ``caches`` (per group of layers, see
+        ``layer_scan``); what the attend object holds in ``.cache`` afterwards is collected the
+        same way; ``groups`` are the stacked layers if already built. Returns x, the stats per
+        group, the new caches per group."""
+
+        def run_layer(layer, x, index, density, cache):
+            attend = attention(cache)
+            if isinstance(layer, L2ADecoderLayer):
+                x, stats = layer(x, cos, sin, attend, routing=routing, index=index, density=density)
+            else:
+                x, stats = layer(x, cos, sin, attend), None
+            return x, stats, getattr(attend, "cache", None)
+
+        return run_layers(
+            self.layers,
+            x,
+            run_layer,
+            remat=remat != "none",
+            remat_policy=REMAT_POLICIES[remat],
+            caches=caches,
+            groups=groups,
+        )
 
     def __call__(
         self, input_ids, positions=None, segment_ids=None, *, routing: Routing | None = None

@@ -8,12 +8,14 @@ import importlib
 
 _EXPORTS = {
     "conditional_global_attention": "attention",
+    "decode_attention": "decode",
     "sliding_window_attention": "attention",
     "AttentionBlocks": "blocks",
     "BlockConfig": "blocks",
     "default_blocks": "blocks",
     "causal_attention_reference": "reference",
     "conditional_global_attention_reference": "reference",
+    "decode_attention_reference": "reference",
     "sliding_window_attention_reference": "reference",
 }
 

@@ -110,3 +110,14 @@ def conditional_global_attention_reference(
     check_attention_shapes(q, k, v, segment_ids, route)
     out = causal_attention_reference(q, k, v, segment_ids=segment_ids, sm_scale=sm_scale)
     return jnp.where(route[:, :, None, None], out, jnp.zeros((), out.dtype))
+
+
+def decode_attention_reference(q, k, v, num_keys, route=None, *, sm_scale: float | None = None):
+    """One new query per row against a KV cache: q (B, 1, Hq, D) reads the first
+    ``num_keys[b]`` (B,) slots of k, v (B, S, Hkv, D); with ``route`` (B,) bool, rows not routed
+    give exactly zero."""
+    visible = jnp.arange(k.shape[1])[None, None, :] < num_keys[:, None, None]
+    out = masked_attention(q, k, v, visible, sm_scale=sm_scale)
+    if route is None:
+        return out
+    return jnp.where(route[:, None, None, None], out, jnp.zeros((), out.dtype))

@@ -28,10 +28,14 @@ def test_config_model_and_loader_import_no_kernel_code():
     kernel_modules = (
         "pallas_kernels.attention",
         "pallas_kernels.flash",
+        "pallas_kernels.decode",
         "jax.experimental.pallas",
         "jax._src.pallas.triton",
     )
-    for modules in ("l2a_jax.config", "l2a_jax.model, l2a_jax.hf, l2a_jax.training"):
+    for modules in (
+        "l2a_jax.config",
+        "l2a_jax.model, l2a_jax.hf, l2a_jax.training, l2a_jax.generate",
+    ):
         code = (
             f"import sys, {modules}\n"
             f"loaded = [m for m in sys.modules if m.startswith({kernel_modules!r})]\n"

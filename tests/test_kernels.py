@@ -426,3 +426,45 @@ def test_route_shape_is_checked(rng):
     q, k, v, _ = make_inputs(rng, 2, 8, 4, 2, 64, jnp.float32, False)
     with pytest.raises(ValueError, match="route must have shape"):
         conditional_global_attention(q, k, v, jnp.ones((2, 7), bool), interpret=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "b, slots, hq, hkv, d, dtype, splits",
+    [
+        (3, 70, 7, 1, 16, jnp.float32, None),  # GQA 7:1, a cache not a multiple of the tile
+        (2, 256, 4, 2, 64, jnp.bfloat16, None),
+        (2, 512, 8, 8, 128, jnp.bfloat16, 3),  # MHA, chunks of uneven use
+    ],
+)
+def test_decode_attention_values(mode, b, slots, hq, hkv, d, dtype, splits, rng):
+    """One query per row against the first num_keys cache slots, rows not routed exactly 0
+    (and their programs read nothing), against float64 NumPy."""
+    from pallas_kernels import decode_attention
+
+    interpret = run_mode(mode)
+    q = jnp.asarray(rng.standard_normal((b, 1, hq, d)), dtype)
+    k, v = (jnp.asarray(rng.standard_normal((b, slots, hkv, d)), dtype) for _ in range(2))
+    num_keys = rng.integers(1, slots + 1, b)
+    num_keys[0] = slots
+    route = np.arange(b) % 2 == 0
+    out = decode_attention(
+        q, k, v, jnp.asarray(num_keys), route=jnp.asarray(route), splits=splits,
+        interpret=interpret,
+    )  # fmt: skip
+    dense = decode_attention(q, k, v, jnp.asarray(num_keys), splits=splits, interpret=interpret)
+    f64 = [np.asarray(x, np.float64) for x in (q, k, v)]
+    atol, _, rtol = TOL[dtype]
+    group = hq // hkv
+    for bi in range(b):
+        keys = np.arange(num_keys[bi])
+        want = np.zeros((hq, d))
+        for h in range(hq):
+            s = f64[1][bi, keys, h // group] @ f64[0][bi, 0, h] / np.sqrt(d)
+            p = np.exp(s - s.max())
+            want[h] = (p / p.sum()) @ f64[2][bi, keys, h // group]
+        np.testing.assert_allclose(np.asarray(dense[bi, 0], np.float64), want, atol=atol, rtol=rtol)
+        if route[bi]:
+            np.testing.assert_array_equal(out[bi], dense[bi])
+        else:
+            assert not np.asarray(out[bi]).any()

@@ -10,7 +10,7 @@ from flax import nnx
 from hf_models import build_hf_model, save_hf_model
 
 from l2a_jax import Batch, ConfigError, L2AConfig, Routing, convert_to_l2a, from_hf, to_hf
-from l2a_jax.attention import AttentionBackend
+from l2a_jax.attention import AttentionBackend, SequenceAttention
 from l2a_jax.model import L2ADecoderLayer
 from l2a_jax.rope import rope_cos_sin
 from l2a_jax.training import (
@@ -95,7 +95,7 @@ def test_router_forced_to_skip_equals_swa_only_path(base_models, name, rng):
     if base.cfg.o_bias:
         h = h + layer.global_attn.bo[...]
     want = h + layer.mlp(layer.post_norm(h))
-    got, _ = layer(x, cos, sin, None, routing=Routing(), backend=XLA)
+    got, _ = layer(x, cos, sin, SequenceAttention(XLA), routing=Routing())
     np.testing.assert_array_equal(got, want)
 
 
@@ -135,7 +135,7 @@ def test_full_window_and_all_routed_equals_hand_computed_layer(qwen3, rng):
     mlp = layer.mlp
     hn = rms(h, layer.post_norm.weight[...])
     want = h + (jax.nn.silu(hn @ mlp.w_gate[...]) * (hn @ mlp.w_up[...])) @ mlp.w_down[...]
-    got, stats = layer(x, cos, sin, None, routing=Routing(), backend=XLA)
+    got, stats = layer(x, cos, sin, SequenceAttention(XLA), routing=Routing())
     assert float(stats.routed_fraction) == 1.0
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
@@ -157,7 +157,7 @@ def layer_loss_fn(layer, x, cos, sin, weights, routing, token_mask=None):
 
     def loss(router):
         state["router"] = state["router"].replace(router)
-        y, _ = nnx.merge(graphdef, state)(x, cos, sin, None, routing=routing, backend=XLA)
+        y, _ = nnx.merge(graphdef, state)(x, cos, sin, SequenceAttention(XLA), routing=routing)
         mask = 1.0 if token_mask is None else token_mask[..., None]
         return jnp.sum(y * weights * mask)
 
@@ -456,6 +456,8 @@ def test_layers_of_one_structure_run_in_one_scan(rng):
     every_layer = L2AConfig(window=4)
     assert count(program(2, every_layer)) == count(program(12, every_layer))
     assert count(program(12, every_layer), "scan") == 1
-    # base layer 0, L2A layers 1-2, base layers 3-5: two scans and one layer run on its own
+    # base layer 0, L2A layers 1-2, base layers 3-5: three scans (the lone layer in one of its
+    # own), whose program does not grow with depth either
     mixed = program(6, L2AConfig(window=4, layers=(1, 2)))
-    assert count(mixed, "scan") == 2
+    assert count(mixed, "scan") == 3
+    assert count(mixed) == count(program(9, L2AConfig(window=4, layers=(1, 2))))

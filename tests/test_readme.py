@@ -18,7 +18,8 @@ def readme_snippets() -> list[str]:
 
 def test_readme_has_snippets_for_every_workflow():
     code = "\n".join(readme_snippets())
-    for needed in ("save_pretrained", "get_tokenizer", "from_hf", "make_mesh", "jit_train_step"):
+    needed_calls = ("save_pretrained", "get_tokenizer", "from_hf", "make_mesh", "jit_train_step")
+    for needed in (*needed_calls, "generate("):
         assert needed in code, needed
 
 

@@ -1,0 +1,204 @@
+"""Serving on one GPU: time to first token (a batched prefill that fills the KV caches and
+returns the next token's logits) at several prompt lengths, time per output token of the
+on-device decode loop at one context length, and KV-cache bytes, for the base model and L2A
+variants, each in a fresh process (so peak memory belongs to that variant alone).
+
+    python bench/generate.py                                  # Qwen2.5-0.5B shape, 32K and 128K
+    python bench/generate.py --lengths 32768 --variants base,l2a_random --out bench/results
+
+Variants: ``base`` (full attention; ``--impl auto`` on a GPU runs its prefill on cuDNN),
+``l2a_random`` (every layer L2A, ``--density`` of tokens routed at random: the cost of a
+learned router at that density; decode timed with decode-time skipping on and off),
+``l2a_swa`` (every layer L2A, no token routed: no global cache at all). Weights are random.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+VARIANTS = ("base", "l2a_random", "l2a_swa")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--lengths", default="32768,131072", help="prompt lengths for TTFT")
+    p.add_argument("--decode-context", type=int, default=32768)
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--hidden", type=int, default=896)
+    p.add_argument("--intermediate", type=int, default=4864)
+    p.add_argument("--heads", type=int, default=14)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--window", type=int, default=4096)
+    p.add_argument("--density", type=float, default=0.2)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--impl", default="auto")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=pathlib.Path, default=None)
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _timed(fn, repeats):
+    """(first call s, median of the next ``repeats`` s, last result)."""
+    import jax
+
+    times, out = [], None
+    for _ in range(1 + repeats):
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return times[0], statistics.median(times[1:]), out
+
+
+def run_variant(args) -> dict:
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from l2a_jax import L2AConfig, ModelConfig, QwenModel, RopeConfig, convert_to_l2a
+    from l2a_jax.generate import cache_size, decode, prefill
+
+    lengths = [int(x) for x in args.lengths.split(",")]
+    longest = max(*lengths, args.decode_context + args.decode_tokens * 2 * (args.repeats + 2))
+    cfg = ModelConfig(
+        architecture="Qwen2ForCausalLM",
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        max_position_embeddings=longest,
+        qkv_bias=True,
+        rope=RopeConfig(theta=1e6),
+    )
+    model = QwenModel(cfg, dtype=args.dtype, attention_impl=args.impl, rngs=nnx.Rngs(0))
+    if args.one == "l2a_random":
+        routing = dict(mode="random", random_densities=(args.density,) * args.layers)
+        model = convert_to_l2a(model, L2AConfig(window=args.window, **routing))
+    elif args.one == "l2a_swa":
+        model = convert_to_l2a(model, L2AConfig(window=args.window, mode="swa"))
+    rng = np.random.default_rng(0)
+    row = {"variant": args.one, "attention": model.attention.describe(), "ttft": {}}
+    for t in lengths:
+        ids = rng.integers(0, args.vocab, (args.batch, t))
+        compile_s, ttft, (logits, cache) = _timed(
+            lambda ids=ids, t=t: prefill(model, ids, capacity=t), args.repeats
+        )
+        if not np.isfinite(np.asarray(logits)).all():
+            raise SystemExit(f"{args.one}: non-finite logits at T={t}")
+        row["ttft"][t] = {
+            "first_call_s": compile_s,
+            "ttft_ms": ttft * 1e3,
+            "cache_bytes": cache.nbytes,
+            "cache_bytes_planned": args.batch * cache_size(model, t).total,
+        }
+        del logits, cache
+    # decode: one prefill, then the decode loop of ``decode_tokens`` steps, repeatedly
+    n, context = args.decode_tokens, args.decode_context
+    calls = 2 * (1 + args.repeats)  # with skipping on and off
+    capacity = -(-(context + n * calls + 1) // 128) * 128
+    logits, cache = prefill(
+        model, rng.integers(0, args.vocab, (args.batch, context)), capacity=capacity
+    )
+    first = np.argmax(np.asarray(logits), axis=-1)
+    row["decode"] = {}
+    ways = [("skip", True), ("read_all", False)] if args.one == "l2a_random" else [("skip", True)]
+    for how, skip in ways:
+        times = []
+        for i in range(1 + args.repeats):
+            start = time.perf_counter()
+            tokens, cache = decode(model, cache, first, max_new_tokens=n, skip=skip, seed=i)
+            jax.block_until_ready(tokens)
+            times.append(time.perf_counter() - start)
+        row["decode"][how] = {
+            "first_call_s": times[0],
+            "ms_per_token": statistics.median(times[1:]) / n * 1e3,
+        }
+    row["decode_cache_bytes"] = cache.nbytes
+    row["cache_per_token_bytes"] = cache_size(model, context).per_token
+    row["cache_fixed_bytes"] = cache_size(model, context).fixed
+    stats = jax.devices()[0].memory_stats() or {}
+    row["peak_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30
+    return row
+
+
+def main():
+    args = parse_args()
+    if args.one is not None:
+        print("RESULT " + json.dumps(run_variant(args)), flush=True)
+        return
+    import jax
+
+    device = jax.devices()[0].device_kind
+    rows = []
+    for variant in args.variants.split(","):
+        if variant not in VARIANTS:
+            raise SystemExit(f"unknown variant {variant!r}; use one of {list(VARIANTS)}")
+        child = [sys.executable, __file__, *sys.argv[1:], "--one", variant]
+        proc = subprocess.run(child, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
+            rows.append({"variant": variant, "error": (proc.stderr or proc.stdout)[-500:]})
+            continue
+        rows.append(json.loads(lines[-1][len("RESULT ") :]))
+        print(rows[-1], flush=True)
+    base = next((r for r in rows if r["variant"] == "base" and "error" not in r), None)
+    print(
+        f"\n{device}, B={args.batch}, {args.layers} layers, hidden {args.hidden}, heads "
+        f"{args.heads}/{args.kv_heads}x{args.head_dim}, vocab {args.vocab}, {args.dtype}, impl "
+        f"{args.impl}, window {args.window}, density {args.density}"
+    )
+    print("| variant | T | TTFT ms | vs base | cache MiB |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['variant']} | failed: {r['error'].splitlines()[-1]} |")
+            continue
+        for t, m in r["ttft"].items():
+            ref = base["ttft"][t]["ttft_ms"] if base else None
+            speed = f"{ref / m['ttft_ms']:.2f}x" if ref else ""
+            print(
+                f"| {r['variant']} | {t} | {m['ttft_ms']:.1f} | {speed} | "
+                f"{m['cache_bytes'] / 2**20:.0f} |"
+            )
+    print(
+        f"\n| variant | decode at {args.decode_context} | ms/token | cache bytes/token | peak GiB |"
+    )
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            continue
+        for how, m in r["decode"].items():
+            print(
+                f"| {r['variant']} | {how} | {m['ms_per_token']:.3f} | "
+                f"{r['cache_per_token_bytes']} (+{r['cache_fixed_bytes']} fixed) | "
+                f"{r['peak_gib']:.1f} |"
+            )
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        day = datetime.date.today().isoformat()
+        name = f"generate-{device.replace(' ', '_')}-{day}.json"
+        meta = {k: str(v) for k, v in vars(args).items() if k != "one"}
+        record = {"device": device, "jax": jax.__version__, "args": meta, "rows": rows}
+        (args.out / name).write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
