@@ -37,7 +37,7 @@ from l2a_jax.attention import SequenceAttention
 from l2a_jax.batch import as_token_ids
 from l2a_jax.layer_scan import layer_groups
 from l2a_jax.model import L2ADecoderLayer, QwenModel
-from l2a_jax.routing import Routing
+from l2a_jax.routing import RouterStats, Routing
 from pallas_kernels.reference import masked_attention
 
 WINDOW, GLOBAL = "window", "global"
@@ -190,15 +190,16 @@ def _prefill(model: QwenModel, ids, lengths, capacity: int, routing: Routing):
     cos, sin = model.rope(positions)
     x = model.embed_tokens(ids)
     inner = SequenceAttention(model.attention)
-    x, _, groups = model.run_decoder(
+    counted = positions < lengths[:, None]  # routing statistics over the real tokens only
+    x, stats, groups = model.run_decoder(
         x,
         cos,
         sin,
         lambda cache: _PrefillAttend(inner, lengths, capacity),
-        routing=routing,
+        routing=dataclasses.replace(routing, counted=counted),
     )
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    return _logits(model, last), KVCache(groups, lengths)
+    return _logits(model, last), KVCache(groups, lengths), RouterStats.concat(stats)
 
 
 def _decode(model: QwenModel, groups, cache: KVCache, tokens, routing: Routing, skip):
@@ -364,7 +365,7 @@ def prefill(model: QwenModel, input_ids, *, prompt_lengths=None, capacity=None, 
     capacity = _capacity(model, ids.shape[1], 0 if capacity is None else capacity - ids.shape[1])
     graphdef, state = nnx.split(model)
     key = jax.random.key(seed)
-    return _prefill_jit(graphdef, state, ids, lengths, key, capacity=capacity)
+    return _prefill_jit(graphdef, state, ids, lengths, key, capacity=capacity)[:2]
 
 
 def decode_step(model: QwenModel, cache: KVCache, tokens, *, skip: bool = True, seed: int = 0):
@@ -390,7 +391,8 @@ def generate(
     prompt_lengths=None,
     seed: int = 0,
     skip: bool = True,
-) -> jax.Array:
+    return_stats: bool = False,
+) -> jax.Array | tuple[jax.Array, RouterStats | None]:
     """Continues each prompt by up to ``max_new_tokens`` tokens; returns them as int32
     (batch, max_new_tokens). After a row's ``eos_token_id`` (one id or several) the row holds
     ``pad_token_id`` (default: the first eos id, else 0), and decoding stops once every row
@@ -399,7 +401,9 @@ def generate(
     ``input_ids``: (batch, prompt_len) ids, right-padded when ``prompt_lengths`` (batch,) gives
     each row's real length, or a list of id lists of any lengths. Greedy at ``temperature`` 0;
     otherwise sampled (``top_k``, ``top_p``) from ``seed``. ``skip`` turns decode-time
-    skipping of unrouted global reads on (results are the same either way)."""
+    skipping of unrouted global reads on (results are the same either way). With
+    ``return_stats``, also the prefill's ``RouterStats`` over the prompts' real tokens (None
+    for a model without L2A layers)."""
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
     sampling = Sampling(temperature, top_p, top_k)
@@ -409,7 +413,7 @@ def generate(
     capacity = _capacity(model, ids.shape[1], max_new_tokens)
     graphdef, state = nnx.split(model)
     key = jax.random.key(seed)
-    logits, cache = _prefill_jit(
+    logits, cache, stats = _prefill_jit(
         graphdef, state, ids, lengths, jax.random.fold_in(key, 0), capacity=capacity
     )
     first = sampling(logits, jax.random.fold_in(key, 1))
@@ -417,7 +421,7 @@ def generate(
         model, cache, first, max_new_tokens=max_new_tokens, sampling=sampling, eos=eos, pad=pad,
         skip=skip, seed=seed,
     )  # fmt: skip
-    return tokens
+    return (tokens, stats) if return_stats else tokens
 
 
 def decode(

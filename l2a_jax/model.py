@@ -207,7 +207,8 @@ class L2ADecoderLayer(nnx.Module):
         elif self.global_attn.cfg.o_bias:
             h = h + self.global_attn.bo[...]  # o_proj_global(0): its bias alone
         y = h + self.mlp(self.post_norm(h))
-        return y, RouterStats.of(z, sigma, route, learned=self.mode == "l2a")
+        stats = RouterStats.of(z, sigma, route, self.mode == "l2a", routing.counted)
+        return y, stats
 
 
 class QwenModel(nnx.Module):

@@ -33,12 +33,15 @@ class Routing:
     """What one forward pass does with the routers: ``train`` turns on the straight-through
     estimator; ``dense`` (a bool, or a traced scalar bool) runs the global branch over every
     token; ``route_all`` (likewise) routes every token of learned layers whatever the router
-    says, its gradient still flowing; ``rng`` draws the tokens of ``random`` layers."""
+    says, its gradient still flowing; ``rng`` draws the tokens of ``random`` layers;
+    ``counted`` (b, t) bool, when given, limits the reported routed fraction to those tokens
+    (the real tokens of right-padded prompts)."""
 
     train: bool = False
     dense: jax.Array | bool = False
     route_all: jax.Array | bool = False
     rng: jax.Array | None = None
+    counted: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -61,11 +64,19 @@ class RouterStats:
     logit_max: jax.Array
 
     @classmethod
-    def of(cls, z: jax.Array, sigma: jax.Array, route: jax.Array, learned: bool) -> RouterStats:
-        """Statistics of one layer from its logits z, sigma and hard route, all (b, t)."""
+    def of(
+        cls, z: jax.Array, sigma: jax.Array, route: jax.Array, learned: bool, counted=None
+    ) -> RouterStats:
+        """Statistics of one layer from its logits z, sigma and hard route, all (b, t); the
+        routed fraction over the ``counted`` tokens when given."""
         sigma_sq = jnp.sum(sigma * sigma, axis=1) if learned else jnp.zeros(z.shape[:1])
+        routed = route.astype(jnp.float32)
+        if counted is None:
+            fraction = jnp.mean(routed)
+        else:
+            fraction = jnp.sum(routed * counted) / jnp.maximum(jnp.sum(counted), 1)
         return cls(
-            routed_fraction=jnp.mean(route.astype(jnp.float32)),
+            routed_fraction=fraction,
             sigma_sq_sum=sigma_sq.astype(jnp.float32),
             logit_mean=jnp.mean(z),
             logit_std=jnp.std(z),

@@ -20,9 +20,9 @@ def default_dtype() -> str:
     return "bfloat16" if jax.default_backend() == "gpu" else "float32"
 
 
-def _workdir_config(path: Path) -> dict | None:
+def workdir_config(path: str | Path) -> dict | None:
     """The training config saved in a workdir, or None when ``path`` is not a workdir."""
-    config_file = path / "config.json"
+    config_file = Path(path) / "config.json"
     if not config_file.is_file():
         return None
     try:
@@ -59,7 +59,7 @@ def load_model(
             f"{path} does not exist; pass an HF-style checkpoint directory or a training "
             "workdir (python train.py --config configs/tiny.py writes runs/tiny)"
         )
-    saved = _workdir_config(path)
+    saved = workdir_config(path)
     if saved is not None:
         checkpoint = path / "model"
         if not (checkpoint / "config.json").is_file():
