@@ -1,6 +1,7 @@
 """Data: corpus splits, tokenizers, text files, needle tasks and the grain pipeline."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -148,6 +149,26 @@ def test_batches_are_packed_rows_with_segments_and_a_loss_mask(docs):
     rows = [bytes(int(t) for t in row if t < 256) for b in got for row in b["input_ids"]]
     assert any(b"special magic numbers" in r for r in rows), "no needle row in 18 rows"
     assert any(b"special magic" not in r for r in rows), "no corpus row in 18 rows"
+
+
+def test_task_rows_can_train_on_their_answers_alone(docs):
+    _, every = batches(docs, 4)
+    _, answers = batches(docs, 4, needles=NeedleMix(rate=0.5, loss="answer"))
+    seen = 0
+    for a, b in zip(every, answers, strict=True):
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])  # the same rows
+        for ids, mask, full in zip(b["input_ids"], b["loss_mask"], a["loss_mask"], strict=True):
+            text = bytes(int(t) for t in ids if t < 256)
+            if b"special magic" not in text:
+                np.testing.assert_array_equal(mask, full)  # corpus rows: every token
+                continue
+            seen += 1
+            scored = bytes(int(t) for t, m in zip(ids, mask, strict=True) if m and t < 256)
+            answer = re.search(rb"text is( \d{7}\.)", text).group(1)
+            assert scored == answer and mask.sum() == len(answer) + 1  # and the eos
+    assert seen
+    with pytest.raises(ConfigError, match="needle loss 'some' is unknown"):
+        NeedleMix(rate=0.5, loss="some")
 
 
 def test_batches_are_deterministic_and_resume_from_their_state(docs):

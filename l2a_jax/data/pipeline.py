@@ -33,15 +33,20 @@ from l2a_jax.data.needles import (
 )
 from l2a_jax.data.tokenizers import Tokenizer
 
+NEEDLE_LOSSES = ("all", "answer")
+
 
 @dataclasses.dataclass(frozen=True)
 class NeedleMix:
     """Generated tasks mixed into training: ``rate`` of the rows; haystack and value kinds
-    are drawn per task from the given tuples."""
+    are drawn per task from the given tuples. ``loss``: ``all`` trains on every token of a
+    task row, ``answer`` on its answer alone (and the end-of-document id), as completions
+    are trained: the gradient then goes to retrieval, not to predicting the haystack."""
 
     rate: float = 0.0
     haystacks: tuple[str, ...] = ("noise", "essay")
     value_kinds: tuple[str, ...] = ("numbers",)
+    loss: str = "all"
 
     def __post_init__(self):
         if not 0 <= self.rate < 1:
@@ -53,6 +58,8 @@ class NeedleMix:
                 f"needle haystacks must come from {HAYSTACKS} and value kinds from "
                 f"{tuple(VALUE_KINDS)}; got {self.haystacks}, {self.value_kinds}"
             )
+        if self.loss not in NEEDLE_LOSSES:
+            raise ConfigError(f"needle loss {self.loss!r} is unknown; use one of {NEEDLE_LOSSES}")
 
 
 def _row(tokens, segment_ids, positions) -> dict[str, np.ndarray]:
@@ -96,11 +103,14 @@ def _needle_rows(
         )
         ids = [*tokenizer.encode(task.prompt + task.answer), tokenizer.eos_id]
         pad = seq_len - len(ids)
-        return _row(
+        row = _row(
             ids + [tokenizer.eos_id] * pad,
             [1] * len(ids) + [0] * pad,
             list(range(len(ids))) + [0] * pad,
         )
+        if mix.loss == "answer":  # the mask marks targets: the answer's tokens and the eos
+            row["loss_mask"][: len(tokenizer.encode(task.prompt))] = 0.0
+        return row
 
     make(0)  # a row length too short for a task fails here, not in the middle of training
     return grain.MapDataset.range(2**31 - 1).map(make).to_iter_dataset()

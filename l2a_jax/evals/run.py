@@ -173,7 +173,9 @@ def _run_cell(model, tokenizer, task, settings, materials, cell, bar) -> dict:
             spec.sample(rng, tokenizer, length, materials, depth=depth, reserve=reserve)
             for _ in range(settings.samples)
         ]
-        budget = generation_budget(tokenizer, samples, spec.max_new_tokens)
+        longest = max(len(tokenizer.encode(s.prompt)) for s in samples)
+        # prompts leave GENERATION_RESERVE tokens beyond the answer: never generate past length
+        budget = min(generation_budget(tokenizer, samples, spec.max_new_tokens), length - longest)
         outputs = []
         for i in range(0, len(samples), settings.batch_size):
             batch = samples[i : i + settings.batch_size]

@@ -61,6 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.needle_rate = 0.0
     c.data.needle_haystacks = ("noise", "essay")
     c.data.needle_value_kinds = ("numbers",)
+    c.data.needle_loss = "all"  # "all" tokens of a task row, or its "answer" alone
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000
@@ -218,6 +219,7 @@ def validate(config: ml_collections.ConfigDict, vocab_size: int) -> RunSettings:
             rate=d.needle_rate,
             haystacks=tuple(d.needle_haystacks),
             value_kinds=tuple(d.needle_value_kinds),
+            loss=d.needle_loss,
         )
     return RunSettings(
         model=model,
