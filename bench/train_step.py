@@ -55,6 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--impl", default="auto", help="attention implementation")
     p.add_argument("--steps", type=int, default=5, help="timed steps after the first")
     p.add_argument("--trainable", default="recipe", help="recipe (the L2A recipe) or all")
+    p.add_argument("--remat", default="none", help="none, full or dots (per layer)")
     p.add_argument("--out", type=pathlib.Path, default=None, help="folder for the JSON results")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process's variant
     return p.parse_args(argv)
@@ -92,7 +93,7 @@ def run_variant(args) -> dict:
         model = convert_to_l2a(model, L2AConfig(window=args.window, **mode))
     train_cfg = TrainConfig(
         learning_rate=1e-5, warmup_steps=1, total_steps=1000, sparsity_warmup_steps=1,
-        dense_step_prob=0.0, trainable=args.trainable,
+        dense_step_prob=0.0, trainable=args.trainable, remat=args.remat,
     )  # fmt: skip
     graphdef, state, frozen = init_state(model, train_cfg)
     model_attention = model.attention.describe()
@@ -148,7 +149,8 @@ def main():
     print(
         f"\n{device}, B={args.batch}, T={args.seq_len}, {args.layers} layers, hidden "
         f"{args.hidden}, heads {args.heads}/{args.kv_heads}x{args.head_dim}, vocab {args.vocab}, "
-        f"{args.dtype}, impl {args.impl}, window {args.window}, density {args.density}"
+        f"{args.dtype}, impl {args.impl}, window {args.window}, density {args.density}, "
+        f"remat {args.remat}"
     )
     print(
         "| variant | attention | first step s | step ms | tokens/s | vs base | peak GiB | routed |"

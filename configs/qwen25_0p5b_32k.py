@@ -28,6 +28,9 @@ def get_config():
     c.data.batch_size = 1
     c.data.needle_rate = 0.1
     c.train.trainable = "all"
+    # layers run in one scan keep every residual: "dots" (matmul outputs kept, the rest
+    # recomputed) trains at 29 GiB instead of 65 GiB on an H200, 7% slower (bench/RESULTS.md)
+    c.train.remat = "dots"
     c.train.steps = 2000
     c.train.learning_rate = 3e-4
     c.train.warmup_steps = 100

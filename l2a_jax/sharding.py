@@ -15,7 +15,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-LOGICAL_AXES = ("batch", "seq", "vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "norm")
+LOGICAL_AXES = (
+    "batch", "seq", "vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "norm", "layers",
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +34,7 @@ class ShardingRules:
         ("head_dim", None),
         ("mlp", "tensor"),
         ("norm", None),
+        ("layers", None),  # a stack of per-layer arrays (the optimizer's state)
     )
 
     def __post_init__(self):
