@@ -9,7 +9,8 @@ variants, each in a fresh process (so peak memory belongs to that variant alone)
 Variants: ``base`` (full attention; ``--impl auto`` on a GPU runs its prefill on cuDNN),
 ``l2a_random`` (every layer L2A, ``--density`` of tokens routed at random: the cost of a
 learned router at that density; decode timed with decode-time skipping on and off),
-``l2a_swa`` (every layer L2A, no token routed: no global cache at all). Weights are random.
+``l2a_swa`` (every layer L2A, no token routed: no global cache at all), ``l2a_half_pruned``
+(``l2a_random`` with the global branches of every other layer pruned). Weights are random.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-VARIANTS = ("base", "l2a_random", "l2a_swa")
+VARIANTS = ("base", "l2a_random", "l2a_swa", "l2a_half_pruned")
 
 
 def parse_args(argv=None):
@@ -70,6 +71,7 @@ def run_variant(args) -> dict:
     from flax import nnx
 
     from l2a_jax import L2AConfig, ModelConfig, QwenModel, RopeConfig, convert_to_l2a
+    from l2a_jax.convert import prune_global_branches
     from l2a_jax.generate import cache_size, decode, prefill
 
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -91,6 +93,10 @@ def run_variant(args) -> dict:
     if args.one == "l2a_random":
         routing = dict(mode="random", random_densities=(args.density,) * args.layers)
         model = convert_to_l2a(model, L2AConfig(window=args.window, **routing))
+    elif args.one == "l2a_half_pruned":
+        routing = dict(mode="random", random_densities=(args.density,) * args.layers)
+        model = convert_to_l2a(model, L2AConfig(window=args.window, **routing))
+        model = prune_global_branches(model, range(0, args.layers, 2))
     elif args.one == "l2a_swa":
         model = convert_to_l2a(model, L2AConfig(window=args.window, mode="swa"))
     rng = np.random.default_rng(0)
@@ -118,7 +124,8 @@ def run_variant(args) -> dict:
     )
     first = np.argmax(np.asarray(logits), axis=-1)
     row["decode"] = {}
-    ways = [("skip", True), ("read_all", False)] if args.one == "l2a_random" else [("skip", True)]
+    both = args.one in ("l2a_random", "l2a_half_pruned")
+    ways = [("skip", True), ("read_all", False)] if both else [("skip", True)]
     for how, skip in ways:
         times = []
         for i in range(1 + args.repeats):

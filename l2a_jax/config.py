@@ -306,7 +306,8 @@ class L2AConfig:
     ``mode``: ``l2a`` (learned router), ``full`` (every token global), ``swa`` (none),
     ``static`` (``static_global_layers`` fully global, the other L2A layers ``swa``), or
     ``random`` (tokens drawn at random with ``random_densities``, one per L2A layer, in the
-    order of ``layers``).
+    order of ``layers``). ``pruned_layers``: L2A layers whose global branch was removed after
+    training (``convert.prune_global_branches``): window attention alone, no global KV cache.
     """
 
     layers: tuple[int, ...] | None = None
@@ -316,6 +317,7 @@ class L2AConfig:
     mode: str = "l2a"
     static_global_layers: tuple[int, ...] = ()
     random_densities: tuple[float, ...] = ()
+    pruned_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.mode not in ROUTING_MODES:
@@ -358,6 +360,9 @@ class L2AConfig:
         stray = sorted(set(self.static_global_layers) - set(layers))
         if stray:
             raise ConfigError(f"l2a.static_global_layers {stray} are not L2A layers {layers}")
+        stray = sorted(set(self.pruned_layers) - set(layers))
+        if stray:
+            raise ConfigError(f"l2a.pruned_layers {stray} are not L2A layers {layers}")
         if self.mode == "random" and len(self.random_densities) != len(layers):
             raise ConfigError(
                 f"l2a.random_densities has {len(self.random_densities)} entries; it needs one "
@@ -367,11 +372,13 @@ class L2AConfig:
 
     def layer_modes(self, num_layers: int) -> dict[int, tuple[str, float]]:
         """Layer index -> (mode, density) for every L2A layer, in the mode vocabulary with
-        ``static`` resolved: ``l2a``, ``full``, ``swa`` or ``random`` (density used by the
-        last alone)."""
+        ``static`` resolved: ``l2a``, ``full``, ``swa``, ``random`` (density used by the
+        last alone) or ``pruned`` (no global branch at all)."""
         plan = {}
         for position, layer in enumerate(self.layer_indices(num_layers)):
-            if self.mode == "random":
+            if layer in self.pruned_layers:
+                plan[layer] = ("pruned", 0.0)
+            elif self.mode == "random":
                 plan[layer] = ("random", self.random_densities[position])
             elif self.mode == "static":
                 plan[layer] = ("full" if layer in self.static_global_layers else "swa", 0.0)
@@ -389,7 +396,7 @@ class L2AConfig:
         if unknown:
             raise ConfigError(f"unknown l2a config keys {unknown}; known: {sorted(known)}")
         d = dict(d)
-        for key in ("layers", "static_global_layers", "random_densities"):
+        for key in ("layers", "static_global_layers", "random_densities", "pruned_layers"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
         return cls(**d)

@@ -1,6 +1,8 @@
-"""Turn a loaded base model into an L2A model."""
+"""Turn a loaded base model into an L2A model; prune the global branches of trained ones."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -64,5 +66,38 @@ def convert_to_l2a(
                 # a copy, not the base array itself: the two branches train apart, and a
                 # training step that donates its state must not meet one buffer twice
                 value = jnp.copy(value)  # keeps the sharding
+        flat.append((path, var.replace(value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def prune_global_branches(model: QwenModel, layers) -> QwenModel:
+    """``model`` with the global branch (global norm, router, global attention) of the L2A
+    ``layers`` removed: those layers keep their window branch alone and no global KV cache.
+    Exact for tokens the layer's router did not route (their global output is zero); a
+    global output-projection bias, which every token receives, moves into the window
+    branch's. ``model`` is left unchanged; the ``l2a`` config records the pruned layers."""
+    if model.l2a is None:
+        raise ValueError("only an L2A model has global branches to prune")
+    layers = tuple(sorted(set(int(i) for i in layers)))
+    bad = [i for i in layers if i not in model.l2a_layers]
+    if bad:
+        raise ValueError(f"layers {bad} are not L2A layers of this model ({model.l2a_layers})")
+    pruned = tuple(sorted(set(model.l2a.pruned_layers) | set(layers)))
+    l2a = dataclasses.replace(model.l2a, pruned_layers=pruned)
+    dtype = model.embed[...].dtype
+    backend = model.attention
+    abstract = nnx.eval_shape(
+        lambda: QwenModel(
+            model.cfg, dtype=dtype, attention_impl=backend.impl, l2a=l2a, mesh=backend.mesh,
+            rules=backend.rules, rngs=nnx.Rngs(0),
+        )
+    )  # fmt: skip
+    graphdef, abstract_state = nnx.split(abstract)
+    old = dict(nnx.to_flat_state(nnx.split(model)[1]))
+    flat = []
+    for path, var in nnx.to_flat_state(abstract_state):
+        value = old[path][...]
+        if path[0] == "layers" and path[1] in layers and path[2:] == ("attn", "bo"):
+            value = value + old[("layers", path[1], "global_attn", "bo")][...]
         flat.append((path, var.replace(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -13,7 +13,8 @@ Caches, per layer, stacked per group of layers like the weights (``layer_scan``)
   nothing else is stored;
 - the global branch of an L2A layer, and a base layer's attention: one slot per position up to
   the capacity (longest prompt + new tokens);
-- an L2A layer in ``swa`` mode (no token ever routed) keeps no global cache.
+- an L2A layer in ``swa`` mode (no token ever routed) or pruned (no global branch) keeps no
+  global cache.
 
 Decode-time skipping: a token that a layer's router does not route needs nothing from that
 layer's global cache. Its K/V are still written (later tokens may attend to them), but the read
@@ -80,7 +81,7 @@ def cache_layout(model: QwenModel, capacity: int) -> list[dict[str, int]]:
     for layer in model.layers:
         if isinstance(layer, L2ADecoderLayer):
             slots = {WINDOW: min(layer.l2a.window, capacity)}
-            if layer.mode != "swa":
+            if layer.mode not in ("swa", "pruned"):
                 slots[GLOBAL] = capacity
         else:
             slots = {GLOBAL: capacity}

@@ -131,8 +131,9 @@ class DecoderLayer(nnx.Module):
 class L2ADecoderLayer(nnx.Module):
     """Sliding-window attention for every token, global attention for routed tokens.
 
-    ``mode`` is this layer's routing (``l2a``, ``full``, ``swa`` or ``random`` with
-    ``density``); ``routing.py`` has the equations."""
+    ``mode`` is this layer's routing (``l2a``, ``full``, ``swa``, ``random`` with
+    ``density``, or ``pruned``: the global branch removed, window attention alone);
+    ``routing.py`` has the equations."""
 
     def __init__(
         self,
@@ -151,9 +152,10 @@ class L2ADecoderLayer(nnx.Module):
         self.density = density
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
-        self.global_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
-        self.router = nnx.Param(jnp.zeros((cfg.hidden_size,), dtype), axes=("embed",))
-        self.global_attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        if mode != "pruned":  # a pruned layer has no global branch at all
+            self.global_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+            self.router = nnx.Param(jnp.zeros((cfg.hidden_size,), dtype), axes=("embed",))
+            self.global_attn = Attention(cfg, dtype=dtype, rngs=rngs)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
@@ -185,6 +187,10 @@ class L2ADecoderLayer(nnx.Module):
     ):
         q, k, v = self.attn.project_qkv(self.input_norm(x), cos, sin)
         h = x + self.attn.project_out(attend.local(q, k, v, self.l2a.window))
+        if self.mode == "pruned":
+            y = h + self.mlp(self.post_norm(h))
+            none = jnp.zeros(h.shape[:2], jnp.float32)
+            return y, RouterStats.of(none, none, none > 0, False, routing.counted)
         s = self.global_norm(h)
         z, sigma, route, gate = self.decide(s, routing, index, density)
         if self.mode != "swa":

@@ -13,6 +13,8 @@ from l2a_jax.data.tokenizers import QWEN_EOS, Tokenizer, make_tokenizer
 from l2a_jax.hf import from_hf
 from l2a_jax.model import QwenModel
 
+BYTE_VOCAB = 257
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
@@ -37,8 +39,11 @@ def _checkpoint_tokenizer(directory: Path, vocab_size: int) -> str:
         return str(directory)
     if vocab_size > QWEN_EOS:
         return "qwen"  # the Qwen2.5/Qwen3 vocabulary every Qwen checkpoint shares
+    if vocab_size == BYTE_VOCAB:
+        return "bytes"  # the byte vocabulary of models trained from scratch here
     raise ConfigError(
-        f"{directory} holds no tokenizer and its vocabulary ({vocab_size}) is not Qwen's; "
+        f"{directory} holds no tokenizer and its vocabulary ({vocab_size}) is neither Qwen's "
+        "nor the byte tokenizer's; "
         "pass the tokenizer (bytes, qwen or a tokenizer directory)"
     )
 

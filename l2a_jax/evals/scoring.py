@@ -81,7 +81,9 @@ def score_generate(
 def _candidate_logprobs(graphdef, state, ids, counted, positions, targets, weights):
     """Sum of log p(target) at ``positions`` per row, and the routing statistics."""
     model = nnx.merge(graphdef, state)
-    hidden, stats = model.hidden_with_stats(ids, routing=Routing(counted=counted))
+    # a fixed key for layers that route at random (baselines); learned routers ignore it
+    routing = Routing(rng=jax.random.key(0), counted=counted)
+    hidden, stats = model.hidden_with_stats(ids, routing=routing)
     picked = jnp.take_along_axis(hidden, positions[:, :, None], axis=1)
     logits = jnp.einsum(
         "bcd,dv->bcv", picked, model.output_head(), preferred_element_type=jnp.float32
@@ -131,7 +133,7 @@ def _token_nll(graphdef, state, ids, *, chunk: int):
     """Negative log-likelihood (b, t - 1) of each next token, logits ``chunk`` positions at a
     time (never the whole (b, t, vocab) float32 array), and the routing statistics."""
     model = nnx.merge(graphdef, state)
-    hidden, stats = model.hidden_with_stats(ids)
+    hidden, stats = model.hidden_with_stats(ids, routing=Routing(rng=jax.random.key(0)))
     b, t, d = hidden.shape
     n = t - 1
     chunks = -(-n // chunk)
