@@ -16,15 +16,21 @@ learned router at that density; decode timed with decode-time skipping on and of
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from variants import (  # noqa: E402
+    add_shape_args,
+    qwen_shape,
+    run_in_fresh_processes,
+    write_results,
+)
 
 VARIANTS = ("base", "l2a_random", "l2a_swa", "l2a_half_pruned")
 
@@ -36,16 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--decode-context", type=int, default=32768)
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--hidden", type=int, default=896)
-    p.add_argument("--intermediate", type=int, default=4864)
-    p.add_argument("--heads", type=int, default=14)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--vocab", type=int, default=151936)
-    p.add_argument("--window", type=int, default=4096)
-    p.add_argument("--density", type=float, default=0.2)
-    p.add_argument("--dtype", default="bfloat16")
+    add_shape_args(p)
     p.add_argument("--impl", default="auto")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=pathlib.Path, default=None)
@@ -70,25 +67,13 @@ def run_variant(args) -> dict:
     import numpy as np
     from flax import nnx
 
-    from l2a_jax import L2AConfig, ModelConfig, QwenModel, RopeConfig, convert_to_l2a
+    from l2a_jax import L2AConfig, QwenModel, convert_to_l2a
     from l2a_jax.convert import prune_global_branches
     from l2a_jax.generate import cache_size, decode, prefill
 
     lengths = [int(x) for x in args.lengths.split(",")]
     longest = max(*lengths, args.decode_context + args.decode_tokens * 2 * (args.repeats + 2))
-    cfg = ModelConfig(
-        architecture="Qwen2ForCausalLM",
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_layers=args.layers,
-        num_heads=args.heads,
-        num_kv_heads=args.kv_heads,
-        head_dim=args.head_dim,
-        max_position_embeddings=longest,
-        qkv_bias=True,
-        rope=RopeConfig(theta=1e6),
-    )
+    cfg = qwen_shape(args, context=longest)
     model = QwenModel(cfg, dtype=args.dtype, attention_impl=args.impl, rngs=nnx.Rngs(0))
     if args.one == "l2a_random":
         routing = dict(mode="random", random_densities=(args.density,) * args.layers)
@@ -153,19 +138,7 @@ def main():
     import jax
 
     device = jax.devices()[0].device_kind
-    rows = []
-    for variant in args.variants.split(","):
-        if variant not in VARIANTS:
-            raise SystemExit(f"unknown variant {variant!r}; use one of {list(VARIANTS)}")
-        child = [sys.executable, __file__, *sys.argv[1:], "--one", variant]
-        proc = subprocess.run(child, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
-            rows.append({"variant": variant, "error": (proc.stderr or proc.stdout)[-500:]})
-            continue
-        rows.append(json.loads(lines[-1][len("RESULT ") :]))
-        print(rows[-1], flush=True)
+    rows = run_in_fresh_processes(__file__, args.variants, VARIANTS)
     base = next((r for r in rows if r["variant"] == "base" and "error" not in r), None)
     print(
         f"\n{device}, B={args.batch}, {args.layers} layers, hidden {args.hidden}, heads "
@@ -198,13 +171,7 @@ def main():
                 f"{r['cache_per_token_bytes']} (+{r['cache_fixed_bytes']} fixed) | "
                 f"{r['peak_gib']:.1f} |"
             )
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        day = datetime.date.today().isoformat()
-        name = f"generate-{device.replace(' ', '_')}-{day}.json"
-        meta = {k: str(v) for k, v in vars(args).items() if k != "one"}
-        record = {"device": device, "jax": jax.__version__, "args": meta, "rows": rows}
-        (args.out / name).write_text(json.dumps(record, indent=2))
+    write_results(args.out, "generate-{device}", device, args, rows)
 
 
 if __name__ == "__main__":

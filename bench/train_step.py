@@ -18,15 +18,21 @@ sparse step being measured.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from variants import (  # noqa: E402
+    add_shape_args,
+    qwen_shape,
+    run_in_fresh_processes,
+    write_results,
+)
 
 # variant -> (L2A routing or None for the base model, attention impl or None for --impl)
 VARIANTS = {
@@ -42,16 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
     p.add_argument("--seq-len", type=int, default=32768)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--hidden", type=int, default=896)
-    p.add_argument("--intermediate", type=int, default=4864)
-    p.add_argument("--heads", type=int, default=14)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--vocab", type=int, default=151936)
-    p.add_argument("--window", type=int, default=4096)
-    p.add_argument("--density", type=float, default=0.2)
-    p.add_argument("--dtype", default="bfloat16")
+    add_shape_args(p)
     p.add_argument("--impl", default="auto", help="attention implementation")
     p.add_argument("--steps", type=int, default=5, help="timed steps after the first")
     p.add_argument("--trainable", default="recipe", help="recipe (the L2A recipe) or all")
@@ -67,23 +64,11 @@ def run_variant(args) -> dict:
     import numpy as np
     from flax import nnx
 
-    from l2a_jax import Batch, L2AConfig, ModelConfig, QwenModel, RopeConfig, convert_to_l2a
+    from l2a_jax import Batch, L2AConfig, QwenModel, convert_to_l2a
     from l2a_jax.sharding import make_mesh
     from l2a_jax.training import TrainConfig, init_state, jit_train_step
 
-    cfg = ModelConfig(
-        architecture="Qwen2ForCausalLM",
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_layers=args.layers,
-        num_heads=args.heads,
-        num_kv_heads=args.kv_heads,
-        head_dim=args.head_dim,
-        max_position_embeddings=max(args.seq_len, 32768),
-        qkv_bias=True,
-        rope=RopeConfig(theta=1e6),
-    )
+    cfg = qwen_shape(args, context=max(args.seq_len, 32768))
     mesh = make_mesh(devices=jax.devices()[:1])
     model = QwenModel(cfg, dtype=args.dtype, attention_impl=args.impl, mesh=mesh, rngs=nnx.Rngs(0))
     if args.one != "base":
@@ -132,19 +117,7 @@ def main():
     import jax
 
     device = jax.devices()[0].device_kind
-    rows = []
-    for variant in args.variants.split(","):
-        if variant not in VARIANTS:
-            raise SystemExit(f"unknown variant {variant!r}; use one of {list(VARIANTS)}")
-        child = [sys.executable, __file__, *sys.argv[1:], "--one", variant]
-        proc = subprocess.run(child, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
-            rows.append({"variant": variant, "error": (proc.stderr or proc.stdout)[-500:]})
-            continue
-        rows.append(json.loads(lines[-1][len("RESULT ") :]))
-        print(rows[-1], flush=True)
+    rows = run_in_fresh_processes(__file__, args.variants, VARIANTS)
     base = next((r for r in rows if r["variant"] == "base" and "error" not in r), None)
     print(
         f"\n{device}, B={args.batch}, T={args.seq_len}, {args.layers} layers, hidden "
@@ -166,13 +139,7 @@ def main():
             f"{r['step_s'] * 1e3:.1f} | {r['tokens_per_s'] / 1e3:.1f}K | {speed} | "
             f"{r['peak_gib']:.1f} | {r['routed_fraction']:.2f} |"
         )
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        day = datetime.date.today().isoformat()
-        name = f"train-step-{device.replace(' ', '_')}-T{args.seq_len}-{day}.json"
-        meta = {k: str(v) for k, v in vars(args).items() if k != "one"}
-        record = {"device": device, "jax": jax.__version__, "args": meta, "rows": rows}
-        (args.out / name).write_text(json.dumps(record, indent=2))
+    write_results(args.out, f"train-step-{{device}}-T{args.seq_len}", device, args, rows)
 
 
 if __name__ == "__main__":

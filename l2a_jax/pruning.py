@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from l2a_jax.config import ConfigError
+from l2a_jax.data.corpus import token_windows
 from l2a_jax.data.tokenizers import Tokenizer
 from l2a_jax.evals.scoring import token_nll
 from l2a_jax.generate import cache_size
@@ -33,16 +34,7 @@ def measure_routing(
     perplexity over the same windows."""
     if model.l2a is None:
         raise ConfigError("the model has no L2A layers to measure")
-    stream: list[int] = []
-    for doc in documents:
-        stream += tokenizer.encode(doc) + [tokenizer.eos_id]
-    if len(stream) < length:
-        raise ConfigError(
-            f"the text has {len(stream)} tokens, fewer than the length {length}; give more text "
-            "or a shorter length"
-        )
-    starts = np.linspace(0, len(stream) - length, samples).astype(int)
-    windows = np.asarray([stream[s : s + length] for s in starts], np.int32)
+    windows = np.asarray(token_windows(tokenizer, documents, length, samples), np.int32)
     routed_sum, nll_sum, count = 0.0, 0.0, 0
     for i in range(0, len(windows), batch_size):
         batch = windows[i : i + batch_size]

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from l2a_jax.config import ConfigError
 
 SPLITS = ("train", "heldout")
@@ -78,3 +80,18 @@ def read_text_files(paths: list[str]) -> list[str]:
     if not docs:
         raise ConfigError(f"no text found in {paths}")
     return docs
+
+
+def token_windows(tokenizer, documents: list[str], length: int, count: int) -> list[list[int]]:
+    """``count`` windows of ``length`` tokens of ``documents`` (joined by the eos id), taken at
+    evenly spaced offsets of the whole stream: held-out text for perplexity and routing."""
+    stream: list[int] = []
+    for doc in documents:
+        stream += tokenizer.encode(doc) + [tokenizer.eos_id]
+    if len(stream) < length:
+        raise ConfigError(
+            f"the text has {len(stream)} tokens, fewer than the length {length}; give more "
+            "text (--text) or a shorter length"
+        )
+    starts = np.linspace(0, len(stream) - length, count).astype(int)
+    return [stream[s : s + length] for s in starts]

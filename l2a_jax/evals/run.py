@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from l2a_jax.config import ConfigError
+from l2a_jax.data.corpus import token_windows
 from l2a_jax.data.tokenizers import Tokenizer
 from l2a_jax.evals.scoring import (
     SCORINGS,
@@ -157,7 +158,7 @@ def _run_cell(model, tokenizer, task, settings, materials, cell, bar) -> dict:
         tokens += n
 
     if task == "ppl":
-        stream = _held_out_stream(tokenizer, materials, length, settings.samples, rng)
+        stream = token_windows(tokenizer, materials.documents, length, settings.samples)
         nll_sum = np.zeros(length - 1)
         for i in range(0, len(stream), settings.batch_size):
             batch = np.asarray(stream[i : i + settings.batch_size])
@@ -207,21 +208,6 @@ def _run_cell(model, tokenizer, task, settings, materials, cell, bar) -> dict:
 
 # tokens kept free for generation when the prompt is built: the answer plus slack must fit
 GENERATION_RESERVE = 16
-
-
-def _held_out_stream(tokenizer, materials: Materials, length, count, rng) -> list[list[int]]:
-    """``count`` windows of ``length`` tokens of held-out text (documents joined by the eos
-    id), taken at evenly spaced offsets of the whole stream."""
-    stream: list[int] = []
-    for doc in materials.documents:
-        stream += tokenizer.encode(doc) + [tokenizer.eos_id]
-    if len(stream) < length:
-        raise ConfigError(
-            f"the held-out text has {len(stream)} tokens, fewer than the length {length}; "
-            "pass more text (--text) or a shorter length"
-        )
-    starts = np.linspace(0, len(stream) - length, count).astype(int)
-    return [stream[s : s + length] for s in starts]
 
 
 def evaluate(
