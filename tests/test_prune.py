@@ -107,10 +107,14 @@ def test_command_line_prunes_and_sweeps(tmp_path, capsys):
     )
     cli.main(["--workdir", str(tmp_path / "run"), "--threshold", "0.01", "--samples", "2"])
     line = capsys.readouterr().out
-    assert "pruned layers [1, 2]" in line and "67% saved" in line
+    assert "pruned layers [1, 2]" in line and "67% saved" in line and "niah (likelihood)" in line
     report = json.loads((tmp_path / "run" / "pruned" / "prune_report.json").read_text())
     assert report["pruned_layers"] == [1, 2]
-    assert report["perplexity"]["after"] == pytest.approx(report["perplexity"]["before"], 1e-5)
+    before, after = report["scores"]["before"], report["scores"]["after"]
+    assert list(before["perplexity"]) == ["100", "200", "400"]  # a quarter, half, all
+    assert after["perplexity"] == pytest.approx(before["perplexity"], rel=1e-5)
+    assert after["niah"] == before["niah"]  # silent layers: the same scores
+    assert report["model"]["l2a"]["mode"] == "random"
     assert (tmp_path / "run" / "pruned" / "routing.png").stat().st_size > 1000
     assert from_hf(tmp_path / "run" / "pruned").l2a.pruned_layers == (1, 2)
     cli.main(["--workdir", str(tmp_path / "run"), "--sweep", "0.01,0.9", "--samples", "2",
@@ -118,5 +122,6 @@ def test_command_line_prunes_and_sweeps(tmp_path, capsys):
     sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert [r["pruned_layers"] for r in sweep["rows"]] == [[], [1, 2], [0, 1, 2]]
     assert [round(r["kv_saved"], 2) for r in sweep["rows"]] == [0, 0.67, 1]
+    assert (tmp_path / "sweep" / "tradeoff.png").stat().st_size > 1000
     with pytest.raises(SystemExit, match="does not exist"):
         cli.main(["--hf", str(tmp_path / "nothing"), "--threshold", "0.1"])
