@@ -48,11 +48,23 @@ WINDOW, GLOBAL = "window", "global"
 @dataclasses.dataclass(frozen=True)
 class KVCache:
     """The caches of a batch of sequences: per group of layers a dict from branch (``window``,
-    ``global``) to (k, v), each (layers, batch, slots, kv_heads, head_dim); and ``lengths``
-    (batch,) int32, the tokens cached per row (the next token's position)."""
+    ``global``) to (k, v), each (layers, batch, slots, kv_heads, head_dim); ``lengths``
+    (batch,) int32, the tokens cached per row (the next token's position); and ``capacity``,
+    the positions the caches were allocated for (a ring buffer shorter than its window holds
+    them all, and no more)."""
 
     groups: list
     lengths: jax.Array
+    capacity: int = dataclasses.field(metadata=dict(static=True))
+
+    def check_room(self, tokens: int) -> None:
+        """Raises when feeding ``tokens`` more tokens to every row would pass the capacity."""
+        need = int(np.max(jax.device_get(self.lengths), initial=0)) + tokens
+        if need > self.capacity:
+            raise ValueError(
+                f"the cache holds {self.capacity} positions, too few for {tokens} more "
+                f"token(s) after the longest row's {need - tokens}; prefill with a larger capacity"
+            )
 
     @property
     def nbytes(self) -> int:
@@ -146,7 +158,7 @@ class _DecodeAttend:
     """Runs a layer's attention for one new token per row at positions ``pos`` (b,), writing
     its K/V into the layer's caches and reading them back."""
 
-    def __init__(self, cache: dict, pos, backend, skip: bool):
+    def __init__(self, cache: dict, pos, backend, skip):
         self.cache, self.pos, self.backend, self.skip = dict(cache), pos, backend, skip
         self.rows = jnp.arange(pos.shape[0])
 
@@ -200,7 +212,8 @@ def _prefill(model: QwenModel, ids, lengths, capacity: int, routing: Routing):
         routing=dataclasses.replace(routing, counted=counted),
     )
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    return _logits(model, last), KVCache(groups, lengths), RouterStats.concat(stats)
+    stats = RouterStats.concat(stats)
+    return _logits(model, last), KVCache(groups, lengths, capacity), stats
 
 
 def _decode(model: QwenModel, groups, cache: KVCache, tokens, routing: Routing, skip):
@@ -216,7 +229,7 @@ def _decode(model: QwenModel, groups, cache: KVCache, tokens, routing: Routing, 
         caches=cache.groups,
         groups=groups,
     )
-    return _logits(model, x[:, 0]), KVCache(new, pos + 1)
+    return _logits(model, x[:, 0]), KVCache(new, pos + 1, cache.capacity)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,6 +387,7 @@ def decode_step(model: QwenModel, cache: KVCache, tokens, *, skip: bool = True, 
     after it (b, vocab) float32 and the updated cache (the argument's buffers are donated).
     ``skip``: unrouted rows do not read an L2A layer's global cache."""
     tokens = as_token_ids(np.asarray(tokens)[:, None], model.cfg.vocab_size)[:, 0]
+    cache.check_room(1)
     graphdef, state = nnx.split(model)
     key = jax.random.key(seed)
     return _decode_step_jit(graphdef, state, cache, tokens, key, jnp.asarray(skip))
@@ -441,14 +455,7 @@ def decode(
     (sampled from ``prefill``'s logits), fed at the cache's next positions. Returns the new
     tokens (b, max_new_tokens), ``first`` included, and the final cache (the argument's
     buffers are donated)."""
-    if (
-        cache.lengths.shape[0]
-        and _capacity_of(cache) < int(jnp.max(cache.lengths)) + max_new_tokens - 1
-    ):
-        raise ValueError(
-            f"the cache holds {_capacity_of(cache)} positions, too few for {max_new_tokens} "
-            "more tokens; prefill with a larger capacity"
-        )
+    cache.check_room(max_new_tokens - 1)  # the last new token is returned, not fed
     graphdef, state = nnx.split(model)
     return _decode_loop(
         graphdef,
@@ -462,10 +469,3 @@ def decode(
         eos=tuple(eos),
         pad=int(pad),
     )
-
-
-def _capacity_of(cache: KVCache) -> int:
-    """Positions the cache can hold (its global slots; a model without global caches has no
-    limit but the rope's)."""
-    slots = [g[GLOBAL][0].shape[2] for g in cache.groups if GLOBAL in g]
-    return min(slots) if slots else 1 << 62

@@ -253,3 +253,25 @@ def test_command_line_from_a_checkpoint_and_a_workdir(tmp_path, capsys):
     (tmp_path / "empty" / "config.json").write_text(json.dumps({"train": {}, "data": {}}))
     with pytest.raises(SystemExit, match="no exported model yet"):
         cli.main(["--model", str(tmp_path / "empty"), "--prompt", "x"])
+
+
+def test_decoding_past_the_capacity_is_refused(tmp_path, rng):
+    """Also for a model without global caches, whose ring buffers (window 16 > capacity 12)
+    hold exactly the allocated positions and would silently drop older keys past them."""
+    from l2a_jax.generate import decode
+
+    model = l2a_model(tmp_path, "swa", window=16)
+    prompts = rng.integers(0, 101, (2, 10))
+    logits, cache = prefill(model, prompts, capacity=12)
+    assert cache.capacity == 12
+    tokens = np.argmax(np.asarray(logits), axis=-1)
+    for _ in range(2):
+        logits, cache = decode_step(model, cache, tokens)
+    with pytest.raises(ValueError, match="holds 12 positions, too few for 1 more"):
+        decode_step(model, cache, tokens)
+    _, cache = prefill(model, prompts, capacity=12)
+    new, _ = decode(model, cache, tokens, max_new_tokens=3)  # feeds 2: positions 10 and 11
+    assert new.shape == (2, 3)
+    _, cache = prefill(model, prompts, capacity=12)
+    with pytest.raises(ValueError, match="too few for 3 more"):
+        decode(model, cache, tokens, max_new_tokens=4)
