@@ -145,10 +145,11 @@ def test_routed_fractions_equal_a_direct_forward(materials, tokenizers, rng):
     samples = [task_spec("niah").sample(rng, tok, n, materials) for n in (600, 560, 590)]
     want = direct_routed_fraction(model, tok, samples)
     assert 0.05 < want.mean() < 0.95  # routers that decide
-    _, _, routed, tokens = score_generate(model, tok, samples, width=600, budget=16)
+    prompts = [tok.encode(s.prompt) for s in samples]
+    _, _, routed, tokens = score_generate(model, tok, samples, prompts, width=600, budget=16)
     assert tokens == sum(len(tok.encode(s.prompt)) for s in samples)
     np.testing.assert_allclose(routed, want, rtol=1e-5)
-    _, routed, tokens = score_likelihood(model, tok, samples)
+    _, routed, tokens = score_likelihood(model, tok, samples, prompts)
     np.testing.assert_allclose(routed, want, rtol=1e-5)
     # and end to end: what evaluate reports for a run equals the direct forwards of its prompts
     settings = EvalSettings((700,), (0.5,), samples=3, batch_size=2, scoring="generate")
@@ -257,3 +258,14 @@ def test_command_line_errors(tmp_path):
         cli.main(["--task", "niah", "--hf", str(tmp_path / "hf"), "--tokenizer", "bytes",
                   "--lengths", "4k"])  # fmt: skip
     assert jnp.asarray(0).dtype  # the process is still usable after the errors
+
+
+def test_a_damaged_progress_file_starts_the_run_over(tmp_path):
+    header = {"task": "niah", "settings": {"lengths": (600,)}}
+    path = tmp_path / "niah.partial.jsonl"
+    cell = json.dumps({"cell": [600, 0.5]})
+    path.write_text('{"task": "nia' + "\n" + cell + "\n")  # the header line cut short
+    assert eval_run._Progress(path, header).cells == {}
+    path.write_text(json.dumps(header) + "\n" + cell + "\n" + '{"cell": [600, 1')  # a cut cell
+    assert list(eval_run._Progress(path, header).cells) == [(600, 0.5)]
+    assert path.read_text().count("\n") == 2  # rewritten without the cut line

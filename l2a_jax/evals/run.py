@@ -28,6 +28,7 @@ from l2a_jax.config import ConfigError
 from l2a_jax.data.corpus import token_windows
 from l2a_jax.data.tokenizers import Tokenizer
 from l2a_jax.evals.scoring import (
+    GENERATION_SLACK,
     SCORINGS,
     generation_budget,
     score_generate,
@@ -115,21 +116,15 @@ class _Progress:
     def __init__(self, path: Path, header: dict):
         self.path, self.cells = path, {}
         header = json.loads(json.dumps(header))  # as it reads back: tuples become lists
+        parsed = []
         if path.exists():
-            lines = path.read_text().splitlines()
-            try:
-                same = lines and json.loads(lines[0]) == header
-                records = [json.loads(line) for line in lines[1:]] if same else []
-            except json.JSONDecodeError:  # a line cut short: keep what precedes it
-                records = []
-                for line in lines[1:]:
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        break
-                same = True
-            if same:
-                self.cells = {tuple(r["cell"]): r for r in records}
+            for line in path.read_text().splitlines():
+                try:
+                    parsed.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut short, and nothing after it is kept
+                    break
+        if parsed and parsed[0] == header:  # the same run: keep its finished cells
+            self.cells = {tuple(r["cell"]): r for r in parsed[1:]}
         _atomic_write(path, "".join(json.dumps(x) + "\n" for x in [header, *self.cells.values()]))
 
     def add(self, record: dict) -> None:
@@ -169,31 +164,33 @@ def _run_cell(model, tokenizer, task, settings, materials, cell, bar) -> dict:
         record = {"nll_by_position": (nll_sum / len(stream)).tolist(), "sequences": len(stream)}
     else:
         spec = task_spec(task)
-        reserve = 0 if settings.scoring == "likelihood" else GENERATION_RESERVE
+        # for generation, prompts leave the slack beyond the answer free within the length
+        reserve = 0 if settings.scoring == "likelihood" else GENERATION_SLACK
         samples = [
             spec.sample(rng, tokenizer, length, materials, depth=depth, reserve=reserve)
             for _ in range(settings.samples)
         ]
-        longest = max(len(tokenizer.encode(s.prompt)) for s in samples)
-        # prompts leave GENERATION_RESERVE tokens beyond the answer: never generate past length
+        prompts = [tokenizer.encode(s.prompt) for s in samples]  # once: long prompts are slow
+        longest = max(map(len, prompts))
         budget = min(generation_budget(tokenizer, samples, spec.max_new_tokens), length - longest)
         outputs = []
         for i in range(0, len(samples), settings.batch_size):
             batch = samples[i : i + settings.batch_size]
+            ids = prompts[i : i + settings.batch_size]
             if settings.scoring == "generate":
                 s, out, routed, n = score_generate(
-                    model, tokenizer, batch, width=length - budget, budget=budget
+                    model, tokenizer, batch, ids, width=length - budget, budget=budget
                 )
                 outputs += out
             else:
-                s, routed, n = score_likelihood(model, tokenizer, batch)
+                s, routed, n = score_likelihood(model, tokenizer, batch, ids)
             scores += s
             take(routed, n)
             bar.update(len(batch))
         record = {
             "scores": scores,
             "depths_placed": [s.depth for s in samples],
-            "prompt_tokens": [len(tokenizer.encode(s.prompt)) for s in samples],
+            "prompt_tokens": [len(p) for p in prompts],
             "example": {"prompt_end": samples[0].prompt[-200:], "answer": samples[0].answer}
             | ({"output": outputs[0]} if outputs else {}),
         }
@@ -204,10 +201,6 @@ def _run_cell(model, tokenizer, task, settings, materials, cell, bar) -> dict:
         "seconds": time.perf_counter() - start,
     }
     return record
-
-
-# tokens kept free for generation when the prompt is built: the answer plus slack must fit
-GENERATION_RESERVE = 16
 
 
 def evaluate(

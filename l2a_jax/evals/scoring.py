@@ -27,7 +27,8 @@ from l2a_jax.model import QwenModel
 from l2a_jax.routing import Routing
 
 SCORINGS = ("generate", "likelihood")
-GENERATION_SLACK = 16  # tokens generated beyond the right answer's own
+# tokens generated beyond the right answer's own; prompts for generation leave them free
+GENERATION_SLACK = 16
 
 
 def found_fraction(text: str, expected) -> float:
@@ -48,12 +49,18 @@ def generation_budget(tokenizer: Tokenizer, samples: list[TaskSample], cap: int)
 
 
 def score_generate(
-    model: QwenModel, tokenizer: Tokenizer, samples: list[TaskSample], *, width: int, budget: int
+    model: QwenModel,
+    tokenizer: Tokenizer,
+    samples: list[TaskSample],
+    prompts: list[list[int]],
+    *,
+    width: int,
+    budget: int,
 ):
     """Per-sample scores, per-layer routed fractions (token-weighted over the batch's
-    prompts, or None) and the number of prompt tokens they cover. Prompts are right-padded
-    to ``width`` so batches of one length share a compiled program."""
-    prompts = [tokenizer.encode(s.prompt) for s in samples]
+    prompts, or None) and the number of prompt tokens they cover. ``prompts``: the samples'
+    prompts as token ids, right-padded to ``width`` so batches of one length share a compiled
+    program."""
     lengths = [len(p) for p in prompts]
     ids = np.zeros((len(samples), max(width, *lengths)), np.int32)
     for row, p in enumerate(prompts):
@@ -93,12 +100,14 @@ def _candidate_logprobs(graphdef, state, ids, counted, positions, targets, weigh
     return jnp.sum(chosen * weights, axis=1), stats
 
 
-def score_likelihood(model: QwenModel, tokenizer: Tokenizer, samples: list[TaskSample]):
+def score_likelihood(
+    model: QwenModel, tokenizer: Tokenizer, samples: list[TaskSample], prompts: list[list[int]]
+):
     """Per-sample scores (1 when the right answer is more likely than every distractor),
-    per-layer routed fractions over the prompts (or None) and the prompt tokens counted."""
+    per-layer routed fractions over the prompts (or None) and the prompt tokens counted.
+    ``prompts``: the samples' prompts as token ids."""
     rows, owners = [], []
-    for i, sample in enumerate(samples):
-        prompt = tokenizer.encode(sample.prompt)
+    for i, (sample, prompt) in enumerate(zip(samples, prompts, strict=True)):
         for answer in (sample.answer, *sample.distractors):
             rows.append((prompt, tokenizer.encode(answer)))
             owners.append(i)
