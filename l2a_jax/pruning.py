@@ -16,7 +16,7 @@ from l2a_jax.config import ConfigError
 from l2a_jax.data.corpus import token_windows
 from l2a_jax.data.tokenizers import Tokenizer
 from l2a_jax.evals.scoring import token_nll
-from l2a_jax.generate import cache_size
+from l2a_jax.generate import GLOBAL, cache_layout, cache_size
 from l2a_jax.model import QwenModel
 
 
@@ -58,15 +58,17 @@ def choose_layers(
 ) -> tuple[int, ...]:
     """L2A layers to prune: those routing less than ``threshold``, or the least-routing ones
     until the global caches take at most ``kv_fraction`` of the unpruned bytes per token of
-    context or ``kv_bytes_per_token`` (exactly one criterion). Layers already pruned (no
-    global cache) count as such."""
+    context or ``kv_bytes_per_token`` (exactly one criterion). Only layers that hold a global
+    cache are candidates: already pruned layers and ``swa`` layers have none."""
     if sum(x is not None for x in (threshold, kv_fraction, kv_bytes_per_token)) != 1:
         raise ConfigError("give exactly one of: a threshold, a KV fraction, a KV bytes budget")
-    candidates = [i for i in routed if i not in model.l2a.pruned_layers]
+    cached = [i for i, slots in enumerate(cache_layout(model, 1)) if GLOBAL in slots]
+    # pruned and swa layers hold no global cache: nothing to prune, no bytes to save
+    candidates = [i for i in routed if i in cached]
     if threshold is not None:
         return tuple(sorted(i for i in candidates if routed[i] < threshold))
     before = cache_size(model, 1).per_token
-    per_layer = before // max(len([i for i in _global_layers(model)]), 1)
+    per_layer = before // max(len(cached), 1)  # every global cache costs the same per token
     budget = kv_bytes_per_token if kv_bytes_per_token is not None else kv_fraction * before
     if not budget >= 0:
         raise ConfigError(f"the KV budget must be >= 0 bytes per token; got {budget}")
@@ -82,11 +84,3 @@ def choose_layers(
             f"caches), above the budget of {budget:.0f}"
         )
     return tuple(sorted(chosen))
-
-
-def _global_layers(model: QwenModel) -> list[int]:
-    """Layers that keep a global (every-token) cache: base layers and unpruned, non-swa L2A
-    layers."""
-    from l2a_jax.generate import GLOBAL, cache_layout
-
-    return [i for i, slots in enumerate(cache_layout(model, 1)) if GLOBAL in slots]

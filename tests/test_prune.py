@@ -125,3 +125,15 @@ def test_command_line_prunes_and_sweeps(tmp_path, capsys):
     assert (tmp_path / "sweep" / "tradeoff.png").stat().st_size > 1000
     with pytest.raises(SystemExit, match="does not exist"):
         cli.main(["--hf", str(tmp_path / "nothing"), "--threshold", "0.1"])
+
+
+def test_layers_without_a_global_cache_are_not_candidates(rng):
+    """A static model's swa layers hold no global cache: pruning them would save nothing, so
+    a KV budget is met by pruning the global layers that do."""
+    cfg = ModelConfig("Qwen3ForCausalLM", 257, 32, 64, 3, 4, 2, 8, qk_norm=True)
+    l2a = L2AConfig(window=8, mode="static", static_global_layers=(1, 2))
+    model = convert_to_l2a(QwenModel(cfg, rngs=nnx.Rngs(0)), l2a)
+    routed = {0: 0.0, 1: 1.0, 2: 1.0}  # what a measurement gives for swa and full layers
+    assert choose_layers(model, routed, threshold=0.5) == ()
+    assert choose_layers(model, routed, kv_fraction=0.5) == (1,)
+    assert choose_layers(model, routed, kv_bytes_per_token=0) == (1, 2)
