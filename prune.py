@@ -63,12 +63,16 @@ def _plot(routed: dict, pruned, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _scores(model, tokenizer, held_out, materials, args, length, out: Path) -> dict:
+def _scores(model, tokenizer, held_out, materials, args, length, out: Path, known=None) -> dict:
     """Perplexity at several lengths (``--ppl-lengths``, default a quarter, half and all of
-    ``length``) and niah accuracy, on the same windows and samples for every model."""
+    ``length``) and niah accuracy, on the same windows and samples for every model. ``known``:
+    perplexities already measured for this model, by length."""
     lengths = args.ppl_lengths or sorted({max(length // 4, 2), max(length // 2, 2), length})
+    known = known or {}
     ppl = {
-        str(n): measure_routing(model, tokenizer, held_out, length=n, samples=args.samples)[1]
+        str(n): known[n]
+        if n in known
+        else measure_routing(model, tokenizer, held_out, length=n, samples=args.samples)[1]
         for n in lengths
     }
     settings = EvalSettings((length,), (0.0, 0.5, 1.0), args.niah_samples, 8, args.scoring)
@@ -85,10 +89,12 @@ def main(argv=None) -> None:
         length = args.length or (saved["data"]["seq_len"] if saved else 4096)
         held_out = read_text_files(list(args.text)) if args.text else embedded_corpus("heldout")
         materials = Materials(key_words(embedded_corpus(), 5000), sentences(held_out), held_out)
-        routed, _ = measure_routing(model, tokenizer, held_out, length=length, samples=args.samples)
+        routed, ppl = measure_routing(
+            model, tokenizer, held_out, length=length, samples=args.samples
+        )
         if args.sweep:
             out = args.out or (args.source / "prune_sweep" if saved else Path("prune_sweep"))
-            _sweep(args, model, tokenizer, routed, length, held_out, materials, out)
+            _sweep(args, model, tokenizer, routed, ppl, length, held_out, materials, out)
             return
         layers = choose_layers(
             model, routed, threshold=args.threshold, kv_fraction=args.kv_fraction,
@@ -99,9 +105,14 @@ def main(argv=None) -> None:
         to_hf(pruned, out)
         before, after = cache_size(model, length), cache_size(pruned, length)
         scores = {
-            when: _scores(m, tokenizer, held_out, materials, args, length, out / f"eval_{when}")
-            for when, m in (("before", model), ("after", pruned))
-        }
+            "before": _scores(
+                model, tokenizer, held_out, materials, args, length, out / "eval_before",
+                known={length: ppl},
+            ),
+            "after": _scores(
+                pruned, tokenizer, held_out, materials, args, length, out / "eval_after"
+            ),
+        }  # fmt: skip
         report = {
             "model": identity(model, str(args.source), tokenizer),
             "length": length,
@@ -129,24 +140,32 @@ def main(argv=None) -> None:
     )
 
 
-def _sweep(args, model, tokenizer, routed, length, held_out, materials, out: Path) -> None:
-    """KV saved, perplexity and niah accuracy for each threshold, a table and a plot."""
+def _sweep(args, model, tokenizer, routed, ppl, length, held_out, materials, out: Path) -> None:
+    """KV saved, perplexity and niah accuracy for each threshold, a table and a plot;
+    thresholds that prune the same layers share one measurement."""
     out.mkdir(parents=True, exist_ok=True)
+    measured = {}
     before = cache_size(model, length).per_token
     rows = []
     for threshold in [None, *[float(t) for t in args.sweep.split(",")]]:
         layers = () if threshold is None else choose_layers(model, routed, threshold=threshold)
-        pruned = prune_global_branches(model, layers) if layers else model
-        kv = cache_size(pruned, length).per_token
+        if layers not in measured:
+            pruned = prune_global_branches(model, layers) if layers else model
+            measured[layers] = (
+                cache_size(pruned, length).per_token,
+                _scores(
+                    pruned, tokenizer, held_out, materials, args, length, out / f"t{threshold}",
+                    known={} if layers else {length: ppl},
+                ),
+            )  # fmt: skip
+        kv, scores = measured[layers]
         rows.append(
             {
                 "threshold": threshold,
                 "pruned_layers": list(layers),
                 "kv_bytes_per_token": kv,
                 "kv_saved": 1 - kv / max(before, 1),
-                **_scores(
-                    pruned, tokenizer, held_out, materials, args, length, out / f"t{threshold}"
-                ),
+                **scores,
             }
         )
     report = {"model": identity(model, str(args.source), tokenizer), "length": length,
