@@ -16,7 +16,6 @@ learned router at that density; decode timed with decode-time skipping on and of
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 import sys
@@ -28,7 +27,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from variants import (  # noqa: E402
     add_shape_args,
     qwen_shape,
-    run_in_fresh_processes,
+    run_variants,
+    shape_line,
     write_results,
 )
 
@@ -132,19 +132,11 @@ def run_variant(args) -> dict:
 
 def main():
     args = parse_args()
-    if args.one is not None:
-        print("RESULT " + json.dumps(run_variant(args)), flush=True)
+    ran = run_variants(args, run_variant, __file__, VARIANTS)
+    if ran is None:
         return
-    import jax
-
-    device = jax.devices()[0].device_kind
-    rows = run_in_fresh_processes(__file__, args.variants, VARIANTS)
-    base = next((r for r in rows if r["variant"] == "base" and "error" not in r), None)
-    print(
-        f"\n{device}, B={args.batch}, {args.layers} layers, hidden {args.hidden}, heads "
-        f"{args.heads}/{args.kv_heads}x{args.head_dim}, vocab {args.vocab}, {args.dtype}, impl "
-        f"{args.impl}, window {args.window}, density {args.density}"
-    )
+    device, rows, base = ran
+    print(f"\n{device}, B={args.batch}, {shape_line(args)}")
     print("| variant | T | TTFT ms | vs base | cache MiB |")
     print("|---|---|---|---|---|")
     for r in rows:

@@ -18,7 +18,6 @@ sparse step being measured.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 import sys
@@ -30,7 +29,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from variants import (  # noqa: E402
     add_shape_args,
     qwen_shape,
-    run_in_fresh_processes,
+    run_variants,
+    shape_line,
     write_results,
 )
 
@@ -111,20 +111,11 @@ def run_variant(args) -> dict:
 
 def main():
     args = parse_args()
-    if args.one is not None:
-        print("RESULT " + json.dumps(run_variant(args)), flush=True)
+    ran = run_variants(args, run_variant, __file__, VARIANTS)
+    if ran is None:
         return
-    import jax
-
-    device = jax.devices()[0].device_kind
-    rows = run_in_fresh_processes(__file__, args.variants, VARIANTS)
-    base = next((r for r in rows if r["variant"] == "base" and "error" not in r), None)
-    print(
-        f"\n{device}, B={args.batch}, T={args.seq_len}, {args.layers} layers, hidden "
-        f"{args.hidden}, heads {args.heads}/{args.kv_heads}x{args.head_dim}, vocab {args.vocab}, "
-        f"{args.dtype}, impl {args.impl}, window {args.window}, density {args.density}, "
-        f"remat {args.remat}"
-    )
+    device, rows, base = ran
+    print(f"\n{device}, B={args.batch}, T={args.seq_len}, {shape_line(args)}, remat {args.remat}")
     print(
         "| variant | attention | first step s | step ms | tokens/s | vs base | peak GiB | routed |"
     )

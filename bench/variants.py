@@ -41,6 +41,29 @@ def qwen_shape(args, context: int, rope_theta: float = 1e6):
     )
 
 
+def run_variants(args, run_variant, script: str, known):
+    """In a child process (``--one VARIANT``): measures that variant and prints its result
+    line, returning None. Otherwise: runs every variant of ``args.variants`` in a child and
+    returns (device kind, rows, the ``base`` row or None)."""
+    if args.one is not None:
+        print("RESULT " + json.dumps(run_variant(args)), flush=True)
+        return None
+    import jax
+
+    rows = run_in_fresh_processes(script, args.variants, known)
+    base = next((r for r in rows if r["variant"] == "base" and "error" not in r), None)
+    return jax.devices()[0].device_kind, rows, base
+
+
+def shape_line(args) -> str:
+    """The model shape and L2A settings a table was measured with."""
+    return (
+        f"{args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}x"
+        f"{args.head_dim}, vocab {args.vocab}, {args.dtype}, impl {args.impl}, window "
+        f"{args.window}, density {args.density}"
+    )
+
+
 def run_in_fresh_processes(script: str, variants: str, known) -> list[dict]:
     """Runs ``script`` once per comma-separated variant with ``--one VARIANT`` (and this
     process's arguments); each child prints ``RESULT {json}``. A failed variant becomes a row
