@@ -86,21 +86,18 @@ def sentences(docs: list[str]) -> list[str]:
 
 
 def fill(
-    tokenizer: Tokenizer,
-    budget: int,
-    next_item: Callable[[int], str],
-    *,
-    separator: str = " ",
-) -> list[str]:
+    tokenizer: Tokenizer, budget: int, next_item: Callable[[int], str]
+) -> tuple[list[str], list[int]]:
     """Items ``next_item(i)`` for i = 0, 1, ... while their tokens (each counted with the
-    separator) fit ``budget``."""
-    items, used = [], 0
+    space that joins it to the next) fit ``budget``: the items and their token counts."""
+    items, costs, used = [], [], 0
     while True:
         item = next_item(len(items))
-        cost = len(tokenizer.encode(item + separator))
+        cost = len(tokenizer.encode(item + " "))
         if used + cost > budget:
-            return items
+            return items, costs
         items.append(item)
+        costs.append(cost)
         used += cost
 
 
@@ -222,17 +219,17 @@ def make_niah(
     # filler drawn generously (per-item counts overestimate a BPE text's), then cut to fit
     generous = int(budget * 1.25) + 64
     if haystack == "noise":
-        filler = fill(tokenizer, generous, lambda i: NOISE)
+        filler, item_costs = fill(tokenizer, generous, lambda i: NOISE)
     elif haystack == "essay":
         start = int(rng.integers(len(essay)))
-        filler = fill(tokenizer, generous, lambda i: essay[(start + i) % len(essay)])
+        filler, item_costs = fill(tokenizer, generous, lambda i: essay[(start + i) % len(essay)])
     else:  # distractor needles with keys and values of their own
 
         def decoy(i: int) -> str:
             k = _distinct(lambda: _key(rng, key_kind, words), 1, avoid=keys)[0]
             return f"One of the special magic {value_kind} for {k} is: {value()}."
 
-        filler = fill(tokenizer, generous, decoy)
+        filler, item_costs = fill(tokenizer, generous, decoy)
     # distractor answers: values present in the text under other keys first (retrieval, not
     # mere copying, tells them apart), then fresh values of the same kind
     others = [v for k in keys[num_queries:] for v in values[k]]
@@ -247,7 +244,7 @@ def make_niah(
         distractors.append(" " + ", ".join(swapped) + ".")
     # needle 0 (the first asked) at ``depth``, the others at random depths: the sentence
     # boundaries nearest to those fractions of the kept filler's tokens
-    costs = np.cumsum([0] + [len(tokenizer.encode(s + " ")) for s in filler])
+    costs = np.cumsum([0, *item_costs])
     spots = [depth] + [float(rng.random()) for _ in needles[1:]]
 
     def placement(count: int) -> list[tuple[int, int, str]]:

@@ -102,7 +102,7 @@ def make_vt(
     budget -= len(tokenizer.encode(question + answer))
     if budget < 0:
         raise too_short(length - reserve, length - reserve - budget, "variable-tracking")
-    filler = fill(tokenizer, int(budget * 1.25) + 64, lambda i: NOISE)
+    filler, _ = fill(tokenizer, int(budget * 1.25) + 64, lambda i: NOISE)
     spots = np.sort(rng.random(len(chain)))  # fractions of the haystack
 
     def render(count: int) -> str:
