@@ -11,7 +11,7 @@ from l2a_jax.data import (
     NeedleMix,
     embedded_corpus,
     key_words,
-    make_needle_task,
+    make_niah,
     make_tokenizer,
     read_text_files,
     sentences,
@@ -99,7 +99,7 @@ def test_text_files(tmp_path):
 @pytest.mark.parametrize("value_kind", ["numbers", "words", "uuids"])
 def test_needle_task_fits_its_length_and_hides_one_needle(docs, words, haystack, value_kind, rng):
     tok = make_tokenizer("bytes")
-    task = make_needle_task(
+    task = make_niah(
         rng, tok, 3000, words=words, haystack=haystack, value_kind=value_kind,
         essay=sentences(docs), depth=0.25,
     )  # fmt: skip
@@ -120,11 +120,11 @@ def test_needle_task_fits_its_length_and_hides_one_needle(docs, words, haystack,
 def test_needle_task_too_short_and_bad_kinds(words, rng):
     tok = make_tokenizer("bytes")
     with pytest.raises(ConfigError, match="needs at least .* tokens"):
-        make_needle_task(rng, tok, 50, words=words)
+        make_niah(rng, tok, 50, words=words)
     with pytest.raises(ConfigError, match="haystack 'sand' is unknown"):
-        make_needle_task(rng, tok, 500, words=words, haystack="sand")
+        make_niah(rng, tok, 500, words=words, haystack="sand")
     with pytest.raises(ConfigError, match="needs sentences of real text"):
-        make_needle_task(rng, tok, 500, words=words, haystack="essay")
+        make_niah(rng, tok, 500, words=words, haystack="essay")
     with pytest.raises(ConfigError, match="needle rate must be in"):
         NeedleMix(rate=1.0)
 

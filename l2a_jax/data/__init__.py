@@ -3,7 +3,7 @@ tasks and the grain pipeline that packs them into training batches. Nothing here
 model."""
 
 from l2a_jax.data.corpus import embedded_corpus, read_text_files
-from l2a_jax.data.needles import TaskSample, key_words, make_needle_task, make_niah, sentences
+from l2a_jax.data.needles import TaskSample, key_words, make_niah, sentences
 from l2a_jax.data.pipeline import NeedleMix, training_batches
 from l2a_jax.data.synthetic import make_cwe, make_vt
 from l2a_jax.data.tokenizers import Tokenizer, make_tokenizer
@@ -15,7 +15,6 @@ __all__ = [
     "embedded_corpus",
     "key_words",
     "make_cwe",
-    "make_needle_task",
     "make_niah",
     "make_tokenizer",
     "make_vt",

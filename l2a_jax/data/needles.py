@@ -281,28 +281,3 @@ def make_niah(
         render(count, filler), answer, tuple(expected), tuple(distractors), placed_depth,
         tuple(asked),
     )  # fmt: skip
-
-
-def make_needle_task(
-    rng: np.random.Generator,
-    tokenizer: Tokenizer,
-    length: int,
-    *,
-    words: list[str],
-    haystack: str = "noise",
-    value_kind: str = "numbers",
-    essay: list[str] | None = None,
-    depth: float | None = None,
-) -> TaskSample:
-    """One single-needle task (RULER's niah_single family) whose prompt plus answer is at most
-    ``length`` tokens: the training mix's tasks."""
-    return make_niah(
-        rng,
-        tokenizer,
-        length,
-        words=words,
-        haystack=haystack,
-        value_kind=value_kind,
-        essay=essay,
-        depth=depth,
-    )

@@ -28,7 +28,7 @@ from l2a_jax.data.needles import (
     HAYSTACKS,
     VALUE_KINDS,
     key_words,
-    make_needle_task,
+    make_niah,
     sentences,
 )
 from l2a_jax.data.tokenizers import Tokenizer
@@ -92,7 +92,7 @@ def _needle_rows(
 ) -> grain.IterDataset:
     def make(index: int):
         rng = np.random.default_rng([seed, index])
-        task = make_needle_task(
+        task = make_niah(
             rng,
             tokenizer,
             seq_len - 1,  # room for the end-of-document id
