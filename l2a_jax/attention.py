@@ -9,8 +9,10 @@
 A Pallas call is opaque to XLA's partitioner, so on a mesh each kernel runs inside
 ``jax.shard_map``: batch split over the data axes and heads over ``tensor``, specs derived from
 the same ``ShardingRules`` as the weights, each GQA group (a kv head and the query heads that
-read it) on one device. The sequence stays whole on every device. The jnp reference needs no
-wrapping: XLA partitions it like any other computation.
+read it) on one device. The jnp reference needs no wrapping: XLA partitions it like any other
+computation. When the mesh has a sequence axis (the ``seq`` rule), every implementation runs
+context-parallel (``context_parallel.py``): each device attends for its own part of the
+sequence, with the window's halo or the global branch's K/V brought from the other shards.
 
 Kernel modules are imported on the first call that needs them, so configs, the model
 definition and the HF loader never load the Pallas Triton backend.
@@ -112,9 +114,36 @@ class AttentionBackend:
             return True
         return self.impl == "auto" and self.runs_as == "pallas" and _cudnn_takes(q, segment_ids)
 
+    @property
+    def seq_axes(self):
+        """The mesh axes the sequence is split over (None: every device holds whole rows)."""
+        if self.mesh is None:
+            return None
+        return self.rules.spec(("seq",), self.mesh)[0]
+
+    def _context_parallel(self, q, k, v, **kwargs) -> jax.Array:
+        from l2a_jax.context_parallel import context_parallel_attention
+
+        # each shard's part runs on the kernels (cuDNN takes no segment ids, which carry the
+        # halo's visibility) or on the jnp reference
+        impl = "xla" if self.runs_as == "xla" else "pallas"
+        inner = AttentionBackend(impl, self.head_dim)
+        q_axes = self.rules.spec(("q_heads",), self.mesh, (q.shape[2],))[0]
+        kv_axes = self.rules.spec(("kv_heads",), self.mesh, (k.shape[2],))[0]
+        if impl == "pallas":
+            heads = _head_axes(self.mesh, self.rules, q.shape[2], k.shape[2])
+        else:
+            heads = q_axes if q_axes == kv_axes else None
+        batch = self.rules.spec(("batch",), self.mesh, q.shape[:1])[0]
+        return context_parallel_attention(
+            inner, self.mesh, self.seq_axes, batch, heads, q, k, v, **kwargs
+        )
+
     def causal(self, q, k, v, *, segment_ids=None, window: int | None = None) -> jax.Array:
         """q (b, t, hq, d), k/v (b, t, hkv, d) -> (b, t, hq, d); causal, optionally windowed
         (``window`` keys per query, itself included)."""
+        if self.seq_axes is not None:
+            return self._context_parallel(q, k, v, segment_ids=segment_ids, window=window)
         if self._use_cudnn(q, segment_ids):
             local = None if window is None or window >= q.shape[1] else (window - 1, 0)
             fn = functools.partial(_cudnn_causal, local_window_size=local)
@@ -133,6 +162,8 @@ class AttentionBackend:
 
     def routed(self, q, k, v, route, *, segment_ids=None) -> jax.Array:
         """Causal attention for queries with ``route`` (b, t) true, exactly zero for others."""
+        if self.seq_axes is not None:
+            return self._context_parallel(q, k, v, segment_ids=segment_ids, route=route)
         if self.impl == "cudnn":
             dense = self.causal(q, k, v, segment_ids=segment_ids)
             return jnp.where(route[:, :, None, None], dense, jnp.zeros((), dense.dtype))

@@ -26,7 +26,7 @@ class ShardingRules:
 
     rules: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
         ("batch", ("data", "fsdp")),
-        ("seq", None),
+        ("seq", "seq"),  # context parallelism (context_parallel.py)
         ("vocab", "tensor"),
         ("embed", "fsdp"),
         ("q_heads", "tensor"),
@@ -94,15 +94,21 @@ def data_parallel_size(mesh: Mesh, rules: ShardingRules | None = None) -> int:
     return axis_size(mesh, batch_sharding(mesh, rules).spec[0])
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """A ('data', 'fsdp', 'tensor') mesh over ``devices`` (default: all)."""
+MESH_AXES = ("data", "fsdp", "seq", "tensor")
+
+
+def make_mesh(
+    data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None, *, seq: int = 1
+) -> Mesh:
+    """A ('data', 'fsdp', 'seq', 'tensor') mesh over ``devices`` (default: all): rows split
+    over data and fsdp (weights over fsdp too), sequences over seq, heads over tensor."""
     devices = jax.devices() if devices is None else devices
-    if data * fsdp * tensor != len(devices):
+    if data * fsdp * seq * tensor != len(devices):
         raise ValueError(
-            f"mesh data*fsdp*tensor = {data}*{fsdp}*{tensor} must equal the device count "
-            f"{len(devices)}"
+            f"mesh data*fsdp*seq*tensor = {data}*{fsdp}*{seq}*{tensor} must equal the device "
+            f"count {len(devices)}"
         )
-    return Mesh(np.asarray(devices).reshape(data, fsdp, tensor), ("data", "fsdp", "tensor"))
+    return Mesh(np.asarray(devices).reshape(data, fsdp, seq, tensor), MESH_AXES)
 
 
 def param_shardings(tree, mesh: Mesh, rules: ShardingRules | None = None):

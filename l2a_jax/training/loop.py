@@ -74,18 +74,18 @@ def _prepare_workdir(workdir: Path, config: ml_collections.ConfigDict, write: bo
         tmp.replace(saved_file)
 
 
-def _mesh(shape: tuple[int, int, int]):
-    data, fsdp, tensor = shape
+def _mesh(shape: tuple[int, int, int, int]):
+    data, fsdp, seq, tensor = shape
     devices = jax.devices()
     if data == -1:
-        if len(devices) % (fsdp * tensor):
+        if len(devices) % (fsdp * seq * tensor):
             raise ConfigError(
-                f"config field mesh: fsdp*tensor = {fsdp * tensor} does not divide the "
-                f"{len(devices)} devices"
+                f"config field mesh: fsdp*seq*tensor = {fsdp * seq * tensor} does not divide "
+                f"the {len(devices)} devices"
             )
-        data = len(devices) // (fsdp * tensor)
+        data = len(devices) // (fsdp * seq * tensor)
     try:
-        return make_mesh(data=data, fsdp=fsdp, tensor=tensor)
+        return make_mesh(data=data, fsdp=fsdp, seq=seq, tensor=tensor)
     except ValueError as e:
         raise ConfigError(f"config field mesh: {e}") from e
 

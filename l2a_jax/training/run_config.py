@@ -88,6 +88,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: every device not used by the other axes
     c.mesh.fsdp = 1
+    c.mesh.seq = 1  # context parallelism: each sequence split over this many devices
     c.mesh.tensor = 1
     c.lock()
     return c
@@ -105,7 +106,7 @@ class RunSettings:
     l2a: L2AConfig | None
     train: TrainConfig
     needles: NeedleMix
-    mesh_shape: tuple[int, int, int]
+    mesh_shape: tuple[int, int, int, int]  # data, fsdp, seq, tensor
 
 
 def _check(condition: bool, field: str, message: str) -> None:
@@ -169,9 +170,15 @@ def validate(config: ml_collections.ConfigDict, vocab_size: int) -> RunSettings:
         f"{t.steps} must exceed train.warmup_steps ({t.warmup_steps}) and "
         f"train.sparsity_warmup_steps ({t.sparsity_warmup_steps})",
     )
-    for name in ("data", "fsdp", "tensor"):
+    for name in ("data", "fsdp", "seq", "tensor"):
         size = config.mesh[name]
         _check(size >= 1 or (name == "data" and size == -1), f"mesh.{name}", "must be >= 1")
+    _check(
+        d.seq_len % config.mesh.seq == 0,
+        "mesh.seq",
+        f"{config.mesh.seq} sequence shards do not split data.seq_len {d.seq_len}; use a "
+        "divisor of it",
+    )
     try:
         dtype = resolve_dtype(m.dtype)
     except ConfigError as e:
@@ -230,7 +237,7 @@ def validate(config: ml_collections.ConfigDict, vocab_size: int) -> RunSettings:
         l2a=l2a,
         train=train,
         needles=needles,
-        mesh_shape=(config.mesh.data, config.mesh.fsdp, config.mesh.tensor),
+        mesh_shape=(config.mesh.data, config.mesh.fsdp, config.mesh.seq, config.mesh.tensor),
     )
 
 
