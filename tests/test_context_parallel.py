@@ -145,7 +145,9 @@ def checkpoint(tmp_path_factory):
 
 
 def l2a_model(checkpoint, mesh):
-    model = convert_to_l2a(from_hf(checkpoint, mesh=mesh, attention_impl="xla"), L2AConfig(window=6))
+    model = convert_to_l2a(
+        from_hf(checkpoint, mesh=mesh, attention_impl="xla"), L2AConfig(window=6)
+    )
     graphdef, state = nnx.split(model)
     flat = []
     keys = iter(jax.random.split(jax.random.key(1), 64))
