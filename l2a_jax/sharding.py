@@ -97,9 +97,7 @@ def data_parallel_size(mesh: Mesh, rules: ShardingRules | None = None) -> int:
 MESH_AXES = ("data", "fsdp", "seq", "tensor")
 
 
-def make_mesh(
-    data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None, *, seq: int = 1
-) -> Mesh:
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None, *, seq: int = 1) -> Mesh:
     """A ('data', 'fsdp', 'seq', 'tensor') mesh over ``devices`` (default: all): rows split
     over data and fsdp (weights over fsdp too), sequences over seq, heads over tensor."""
     devices = jax.devices() if devices is None else devices

@@ -208,3 +208,15 @@ def test_train_steps_with_sequence_axis_match_one_device(checkpoint, rng):
     for got, want in zip(sharded, single, strict=True):
         for key in want:
             np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_training_config_refuses_a_sequence_axis_that_does_not_split_the_rows():
+    from l2a_jax.config import ConfigError
+    from l2a_jax.training.run_config import default_config, validate
+
+    config = default_config()
+    config.model.init = "random"
+    config.data.seq_len = 512
+    config.mesh.seq = 3
+    with pytest.raises(ConfigError, match=r"mesh\.seq.*3 sequence shards do not split .* 512"):
+        validate(config, vocab_size=257)

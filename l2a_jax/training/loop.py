@@ -27,6 +27,7 @@ from l2a_jax.config import ConfigError
 from l2a_jax.convert import convert_to_l2a
 from l2a_jax.data import embedded_corpus, make_tokenizer, read_text_files, training_batches
 from l2a_jax.hf import from_hf, to_hf
+from l2a_jax.memory import check_fits, plan_memory
 from l2a_jax.model import QwenModel
 from l2a_jax.sharding import batch_sharding, data_parallel_size, make_mesh, param_shardings
 from l2a_jax.training.checkpoints import Checkpoints, abstract_like
@@ -150,6 +151,20 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
             f"config field data.batch_size: {config.data.batch_size} rows do not split over "
             f"the mesh's {parts} data-parallel devices"
         )
+    t = settings.train
+    plan = plan_memory(
+        model,
+        mesh,
+        batch_size=config.data.batch_size // t.grad_accum_steps,  # one micro-batch at a time
+        seq_len=config.data.seq_len,
+        remat=t.remat,
+        trainable=t.trainable,
+        master_dtype=t.master_dtype,
+        compute_dtype=t.compute_dtype,
+        loss_chunk=t.loss_chunk,
+    )
+    logger.info("memory per device, estimated: %.2f GiB", plan.total / 2**30)
+    check_fits(plan)
     graphdef, state, frozen = init_state(model, settings.train, seed=seed)
     layers = model.l2a_layers
     del model  # the state holds the trainable weights, ``frozen`` the rest
