@@ -16,7 +16,10 @@ partitions it along the sequence by itself; attention needs other shards' keys:
   a time, against per-device activations of ``t / n`` tokens times the hidden size and
   more. The local queries sit at their global offset in an otherwise unrouted query array,
   so the routed kernel (which compacts routed queries) computes exactly the rows of this
-  shard against every earlier key. A ring (K/V passed shard to shard, overlapped with
+  shard against every earlier key. That array and the kernel's output are whole-sequence
+  sized (``t x hq x d``: 224 MiB at 128K tokens for Qwen2.5-0.5B in bf16, 1.75 GiB at 1M),
+  the price of reusing the one-device kernel unchanged; a kernel taking a query offset would
+  remove it. A ring (K/V passed shard to shard, overlapped with
   compute) saves that memory at the price of ``n`` dependent steps; at these sizes the
   all-gather costs less. The work is not balanced: the last shard's queries see ``n``
   shards of keys, the first's one (a zig-zag token order would even it out); with ~20% of
