@@ -65,6 +65,11 @@ def parse_args(argv=None):
     p.add_argument("--impl", default="auto", help="attention implementation")
     p.add_argument("--steps", type=int, default=4, help="steps (the first one compiles)")
     p.add_argument("--remat", default="dots", help="none, full or dots (per layer)")
+    p.add_argument(
+        "--master-dtype",
+        default="float32",
+        help="trainable weights and Adam state (compute: --dtype)",
+    )
     p.add_argument("--out", type=pathlib.Path, default=None, help="folder for the JSON results")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process's variant
     return p.parse_args(argv)
@@ -105,6 +110,7 @@ def run_variant(args) -> dict:
     train_cfg = TrainConfig(
         learning_rate=1e-4, warmup_steps=1, total_steps=1000, sparsity_warmup_steps=1,
         sparsity_weight=1e-6, dense_step_prob=0.5, remat=args.remat,
+        master_dtype=args.master_dtype, compute_dtype=args.dtype,
     )  # fmt: skip
     graphdef, state, frozen = init_state(model, train_cfg, seed=0)
     del model
@@ -146,7 +152,10 @@ def main():
     device, rows, _ = ran
     import jax
 
-    print(f"\n{jax.device_count()} x {device}, {shape_line(args)}, remat {args.remat}")
+    print(
+        f"\n{jax.device_count()} x {device}, {shape_line(args)}, remat {args.remat}, "
+        f"master weights {args.master_dtype}"
+    )
     print("| variant | mesh | B x T | losses | step s | tokens/s per GPU | peak GiB per GPU |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
