@@ -85,7 +85,7 @@ def test_context_parallel_attention_matches_reference(mesh_name, t, rng):
                 outputs_and_grads(single, q, k, v, weight),
                 atol=1e-5,
             )
-        for density in (0.0, 0.1, 0.5, 1.0):
+        for density in (0.0, 0.3, 1.0):
             route = jnp.asarray(rng.random((2, t)) < density)
 
             def sharded(q, k, v, route=route, segment_ids=segment_ids):
