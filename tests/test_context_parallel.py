@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from hf_models import build_hf_model, save_hf_model
+from sharded_checks import assert_param_grads_match, random_router
 
-from l2a_jax import Batch, L2AConfig, Routing, convert_to_l2a, from_hf
+from l2a_jax import Batch, L2AConfig, convert_to_l2a, from_hf
 from l2a_jax.attention import AttentionBackend
 from l2a_jax.context_parallel import halo_hops
 from l2a_jax.sharding import make_mesh
@@ -145,18 +145,8 @@ def checkpoint(tmp_path_factory):
 
 
 def l2a_model(checkpoint, mesh):
-    model = convert_to_l2a(
-        from_hf(checkpoint, mesh=mesh, attention_impl="xla"), L2AConfig(window=6)
-    )
-    graphdef, state = nnx.split(model)
-    flat = []
-    keys = iter(jax.random.split(jax.random.key(1), 64))
-    for path, var in nnx.to_flat_state(state):
-        if path[-1] == "router":  # a router that routes some tokens and skips others
-            noise = jax.random.normal(next(keys), var.shape, var.dtype)
-            var = var.replace(jax.device_put(noise, var[...].sharding))
-        flat.append((path, var))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    model = from_hf(checkpoint, mesh=mesh, attention_impl="xla")
+    return random_router(convert_to_l2a(model, L2AConfig(window=6)), seed=1)
 
 
 def test_l2a_model_with_sequence_axis_matches_one_device(checkpoint, rng):
@@ -169,16 +159,7 @@ def test_l2a_model_with_sequence_axis_matches_one_device(checkpoint, rng):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     np.testing.assert_allclose(got_stats.routed_fraction, want_stats.routed_fraction)
     assert 0 < float(want_stats.routed_fraction.mean()) < 1
-    for dense in (False, True):
-
-        def loss(model, dense=dense):
-            logits = model(ids, segment_ids=segments, routing=Routing(train=True, dense=dense))
-            return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
-
-        want_grads = nnx.to_flat_state(nnx.grad(loss)(single))
-        got_grads = nnx.to_flat_state(nnx.grad(loss)(sharded))
-        for (path, w), (_, g) in zip(want_grads, got_grads, strict=True):
-            np.testing.assert_allclose(g[...], w[...], atol=1e-4, rtol=0, err_msg=str(path))
+    assert_param_grads_match(sharded, single, ids, segments, dense_steps=(False, True))
 
 
 @pytest.mark.slow

@@ -10,8 +10,9 @@ import pytest
 from flax import nnx
 from hf_models import build_hf_model, save_hf_model
 from jax.sharding import PartitionSpec
+from sharded_checks import assert_param_grads_match, random_router
 
-from l2a_jax import Batch, ConfigError, L2AConfig, Routing, convert_to_l2a, from_hf, split_model
+from l2a_jax import Batch, ConfigError, L2AConfig, convert_to_l2a, from_hf, split_model
 from l2a_jax.sharding import make_mesh
 from l2a_jax.training import TrainConfig, flat_metrics, init_state, jit_train_step
 
@@ -29,18 +30,6 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mesh():
     return make_mesh(data=2, fsdp=2, tensor=2)
-
-
-def random_router(model, seed, scale=1.0):
-    graphdef, state = nnx.split(model)
-    keys = iter(jax.random.split(jax.random.key(seed), 64))
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-        if path[-1] == "router":
-            noise = scale * jax.random.normal(next(keys), var.shape, var.dtype)
-            var = var.replace(jax.device_put(noise, var[...].sharding))
-        flat.append((path, var))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def models(checkpoint, mesh, l2a):
@@ -86,16 +75,8 @@ def test_kernels_on_mesh_match_unsharded_reference(checkpoint, mesh, l2a, rng):
         assert float(stats.routed_fraction.min()) > 0 and float(stats.routed_fraction.max()) < 1
 
     # parameter gradients, on a sparse step (and a dense one for L2A)
-    for dense in (False, True) if l2a is not None else (False,):
-
-        def loss(model, dense=dense):
-            logits = model(ids, segment_ids=segments, routing=Routing(train=True, dense=dense))
-            return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
-
-        want_grads = nnx.to_flat_state(nnx.grad(loss)(single))
-        got_grads = nnx.to_flat_state(nnx.grad(loss)(sharded))
-        for (path, w), (_, g) in zip(want_grads, got_grads, strict=True):
-            np.testing.assert_allclose(g[...], w[...], atol=1e-4, rtol=0, err_msg=str(path))
+    dense_steps = (False, True) if l2a is not None else (False,)
+    assert_param_grads_match(sharded, single, ids, segments, dense_steps)
 
 
 def test_mesh_that_splits_a_gqa_group_is_refused(checkpoint):
