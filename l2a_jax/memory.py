@@ -177,6 +177,32 @@ def plan_memory(
     )
 
 
+def compiled_step(model, cfg, *, batch_size: int, seq_len: int):
+    """The training step (``jit_train_step``'s program for ``model`` on its mesh, with
+    ``TrainConfig`` ``cfg``) compiled for (batch_size, seq_len) batches, not run: its
+    ``memory_analysis()`` and ``as_text()`` show what the step needs and which collectives
+    it runs."""
+    from l2a_jax.batch import Batch
+    from l2a_jax.training.step import init_state, jit_train_step
+
+    graphdef, state, frozen = init_state(model, cfg, seed=0)
+    step = jit_train_step(graphdef, cfg, state, frozen)
+    batch = Batch.of(np.zeros((batch_size, seq_len), np.int32))
+    return step.lower(state, frozen, batch).compile()
+
+
+def compiled_bytes(compiled) -> int:
+    """Per-device bytes a compiled program reports: arguments, outputs not aliased to them
+    (donated buffers are reused), temporaries."""
+    m = compiled.memory_analysis()
+    return (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+        + m.temp_size_in_bytes
+    )
+
+
 def device_memory(device=None) -> int | None:
     """Bytes the device can hold (None where the backend does not say, as on a CPU)."""
     device = device or jax.devices()[0]

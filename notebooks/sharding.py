@@ -33,19 +33,16 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import collections
-import functools
 import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from l2a_jax import Batch, L2AConfig, ModelConfig, QwenModel, RopeConfig, convert_to_l2a
-from l2a_jax.memory import abstract_model, plan_memory
-from l2a_jax.sharding import ShardingRules, batch_sharding, make_mesh, param_shardings
-from l2a_jax.training import TrainConfig, init_state
-from l2a_jax.training.step import _place, train_step
+from l2a_jax import L2AConfig, ModelConfig, QwenModel, RopeConfig, convert_to_l2a
+from l2a_jax.memory import abstract_model, compiled_bytes, compiled_step, plan_memory
+from l2a_jax.sharding import ShardingRules, batch_sharding, make_mesh
+from l2a_jax.training import TrainConfig
 
 print(jax.devices())
 
@@ -156,23 +153,16 @@ COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute
 OP = re.compile(r"= \S+ (" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 
 
-def compiled_step(shape, seq_len=256, batch=8):
+def small_step(shape):
     mesh = make_mesh(**shape)
     model = convert_to_l2a(
         QwenModel(SMALL, mesh=mesh, attention_impl="xla", rngs=nnx.Rngs(0)), L2AConfig(window=32)
     )
     cfg = TrainConfig(total_steps=10, warmup_steps=1, sparsity_warmup_steps=1, remat="dots")
-    graphdef, state, frozen = init_state(model, cfg, seed=0)
-    step = jax.jit(functools.partial(train_step, graphdef, cfg), donate_argnums=0)
-    args = (
-        _place(state, param_shardings(state, mesh)),
-        _place(frozen, param_shardings(frozen, mesh)),
-        _place(Batch.of(np.zeros((batch, seq_len), np.int32)), batch_sharding(mesh)),
-    )
-    return step.lower(*args).compile()
+    return compiled_step(model, cfg, batch_size=8, seq_len=256)
 
 
-compiled = {name: compiled_step(shape) for name, shape in MESHES.items()}
+compiled = {name: small_step(shape) for name, shape in MESHES.items()}
 print(f"{'mesh':<24}" + "".join(f"{c:>20}" for c in COLLECTIVES))
 for name in MESHES:
     hlo = compiled[name].as_text()
@@ -199,7 +189,5 @@ for name, shape in MESHES.items():
     model = abstract_model(SMALL, L2AConfig(window=32), mesh=mesh, dtype=jnp.float32,
                            attention_impl="xla")  # fmt: skip
     plan = plan_memory(model, mesh, batch_size=8, seq_len=256, remat="dots")
-    m = compiled[name].memory_analysis()
-    real = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-            + m.temp_size_in_bytes)  # fmt: skip
+    real = compiled_bytes(compiled[name])
     print(f"{name:<24}{plan.total / 2**20:>12.1f}{real / 2**20:>14.1f}{plan.total / real:>8.2f}")

@@ -2,7 +2,6 @@
 within 15% of the compiled program's memory analysis on several meshes, remat policies and
 trainable sets, on 8 simulated CPU devices; and its warning before a run that will not fit."""
 
-import functools
 import logging
 
 import jax
@@ -10,11 +9,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from l2a_jax import Batch, L2AConfig, ModelConfig, QwenModel, convert_to_l2a
-from l2a_jax.memory import MemoryPlan, abstract_model, check_fits, plan_memory
-from l2a_jax.sharding import batch_sharding, make_mesh, param_shardings
-from l2a_jax.training import TrainConfig, init_state
-from l2a_jax.training.step import _place, train_step
+from l2a_jax import L2AConfig, ModelConfig, QwenModel, convert_to_l2a
+from l2a_jax.memory import (
+    MemoryPlan,
+    abstract_model,
+    check_fits,
+    compiled_bytes,
+    compiled_step,
+    plan_memory,
+)
+from l2a_jax.sharding import make_mesh
+from l2a_jax.training import TrainConfig
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
@@ -26,27 +31,13 @@ CFG = ModelConfig(
 L2A = L2AConfig(window=64)
 
 
-def compiled_bytes(mesh, *, batch_size, seq_len, remat, trainable, loss_chunk):
-    """Per-device bytes of the compiled step: arguments, outputs not aliased to them, temps."""
+def compiled_step_bytes(mesh, *, batch_size, seq_len, remat, trainable, loss_chunk):
     model = convert_to_l2a(QwenModel(CFG, mesh=mesh, attention_impl="xla", rngs=nnx.Rngs(0)), L2A)
     cfg = TrainConfig(
         total_steps=10, warmup_steps=1, sparsity_warmup_steps=1, trainable=trainable,
         remat=remat, loss_chunk=loss_chunk,
     )  # fmt: skip
-    graphdef, state, frozen = init_state(model, cfg, seed=0)
-    step = jax.jit(functools.partial(train_step, graphdef, cfg), donate_argnums=0)
-    args = (
-        _place(state, param_shardings(state, mesh)),
-        _place(frozen, param_shardings(frozen, mesh)),
-        _place(Batch.of(np.zeros((batch_size, seq_len), np.int32)), batch_sharding(mesh)),
-    )
-    m = step.lower(*args).compile().memory_analysis()
-    return (
-        m.argument_size_in_bytes
-        + m.output_size_in_bytes
-        - m.alias_size_in_bytes
-        + m.temp_size_in_bytes
-    )
+    return compiled_bytes(compiled_step(model, cfg, batch_size=batch_size, seq_len=seq_len))
 
 
 CASES = {
@@ -66,7 +57,7 @@ def test_plan_within_15_percent_of_compiled_memory(case):
     settings = dict(batch_size=8, seq_len=512, remat=remat, trainable=trainable, loss_chunk=256)
     model = abstract_model(CFG, L2A, mesh=mesh, dtype=np.float32, attention_impl="xla")
     plan = plan_memory(model, mesh, **settings)
-    real = compiled_bytes(mesh, **settings)
+    real = compiled_step_bytes(mesh, **settings)
     assert abs(plan.total / real - 1) < 0.15, (plan, real)
 
 

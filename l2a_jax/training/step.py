@@ -339,7 +339,14 @@ def jit_train_step(
         frozen = _place(frozen, frozen_sharding)
         return jitted(state, frozen, _place(batch, tokens))
 
-    sharded_step._cache_size = jitted._cache_size  # compiled programs, as on a jitted function
+    def lower(state, frozen, batch: Batch):
+        return jitted.lower(
+            _place(state, state_sharding), _place(frozen, frozen_sharding), _place(batch, tokens)
+        )
+
+    # as on a jitted function: the compiled programs, and lowering without running
+    sharded_step._cache_size = jitted._cache_size
+    sharded_step.lower = lower
     return sharded_step
 
 
