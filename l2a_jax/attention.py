@@ -128,11 +128,11 @@ class AttentionBackend:
         # halo's visibility) or on the jnp reference
         impl = "xla" if self.runs_as == "xla" else "pallas"
         inner = AttentionBackend(impl, self.head_dim)
-        q_axes = self.rules.spec(("q_heads",), self.mesh, (q.shape[2],))[0]
-        kv_axes = self.rules.spec(("kv_heads",), self.mesh, (k.shape[2],))[0]
         if impl == "pallas":
             heads = _head_axes(self.mesh, self.rules, q.shape[2], k.shape[2])
-        else:
+        else:  # heads split only where a whole GQA group stays on each device
+            q_axes = self.rules.spec(("q_heads",), self.mesh, (q.shape[2],))[0]
+            kv_axes = self.rules.spec(("kv_heads",), self.mesh, (k.shape[2],))[0]
             heads = q_axes if q_axes == kv_axes else None
         batch = self.rules.spec(("batch",), self.mesh, q.shape[:1])[0]
         return context_parallel_attention(
