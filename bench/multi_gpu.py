@@ -64,11 +64,23 @@ def parse_args(argv=None):
     add_shape_args(p)
     p.add_argument("--impl", default="auto", help="attention implementation")
     p.add_argument("--steps", type=int, default=4, help="steps (the first one compiles)")
+    p.add_argument(
+        "--dense-prob",
+        type=float,
+        default=0.5,
+        help="chance that a step routes every token (1: no step depends on a routing decision)",
+    )
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
     p.add_argument("--remat", default="dots", help="none, full or dots (per layer)")
     p.add_argument(
         "--master-dtype",
         default="float32",
         help="trainable weights and Adam state (compute: --dtype)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="one more step under the profiler: the collectives' share of its time",
     )
     p.add_argument("--out", type=pathlib.Path, default=None, help="folder for the JSON results")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process's variant
@@ -108,15 +120,17 @@ def run_variant(args) -> dict:
     model = QwenModel(cfg, dtype=args.dtype, attention_impl=args.impl, mesh=mesh, rngs=nnx.Rngs(0))
     model = random_routers(convert_to_l2a(model, L2AConfig(window=args.window)), seed=1)
     train_cfg = TrainConfig(
-        learning_rate=1e-4, warmup_steps=1, total_steps=1000, sparsity_warmup_steps=1,
-        sparsity_weight=1e-6, dense_step_prob=0.5, remat=args.remat,
+        learning_rate=args.lr, warmup_steps=1, total_steps=1000, sparsity_warmup_steps=1,
+        sparsity_weight=1e-6, dense_step_prob=args.dense_prob, remat=args.remat,
         master_dtype=args.master_dtype, compute_dtype=args.dtype,
     )  # fmt: skip
-    graphdef, state, frozen = init_state(model, train_cfg, seed=0)
+    # seed 1: the dense-step coin comes up dense, sparse, sparse, sparse, dense (seed 0's first
+    # dozen are all dense)
+    graphdef, state, frozen = init_state(model, train_cfg, seed=1)
     del model
     step = jit_train_step(graphdef, train_cfg, state, frozen)
     rng = np.random.default_rng(0)
-    losses, dense, routed, times = [], [], [], []
+    losses, dense, routed, norms, times = [], [], [], [], []
     for _ in range(args.steps):
         tokens = Batch.of(rng.integers(0, args.vocab, (batch, seq_len)))
         start = time.perf_counter()
@@ -126,6 +140,14 @@ def run_variant(args) -> dict:
         losses.append(float(metrics["loss"]))
         dense.append(bool(metrics["dense_step"]))
         routed.append(float(metrics["routed_fraction"]))
+        norms.append(float(metrics["grad_norm"]))
+    profile = None
+    if args.profile:
+        from gpu_profile import format_report, profile_call
+
+        tokens = Batch.of(rng.integers(0, args.vocab, (batch, seq_len)))
+        profile = profile_call(step, state, frozen, tokens)
+        print(format_report(profile), flush=True)
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in gpus]
     step_s = statistics.median(times[1:]) if len(times) > 1 else times[0]
     return {
@@ -137,11 +159,26 @@ def run_variant(args) -> dict:
         "losses": losses,
         "dense_steps": dense,
         "routed_fraction": statistics.mean(routed),
+        "routed_fractions": routed,
+        "grad_norms": norms,
         "first_step_s": times[0],
         "step_s": step_s,
         "tokens_per_s_per_gpu": batch * seq_len / step_s / len(gpus),
         "peak_gib_per_gpu": max(peaks) / 2**30,
+        **({"profile": profile} if profile else {}),
     }
+
+
+def collectives(profile: dict | None) -> str:
+    """The profiled step's collective kernel time and the part no compute overlapped, as
+    shares of its wall time."""
+    if not profile:
+        return "not profiled"
+    if "error" in profile:
+        return "no GPU kernels in the trace"
+    wall = profile["wall_s"]
+    summed = profile["kernel_s"].get("collective", 0.0)
+    return f"{100 * summed / wall:.1f}% / {100 * profile['collective_exposed_s'] / wall:.1f}%"
 
 
 def main():
@@ -156,18 +193,24 @@ def main():
         f"\n{jax.device_count()} x {device}, {shape_line(args)}, remat {args.remat}, "
         f"master weights {args.master_dtype}"
     )
-    print("| variant | mesh | B x T | losses | step s | tokens/s per GPU | peak GiB per GPU |")
-    print("|---|---|---|---|---|---|---|")
+    print("losses: d marks a dense step (every token routed)")
+    print(
+        "| variant | mesh | B x T | losses | step s | tokens/s per GPU | peak GiB per GPU "
+        "| collectives: kernel time / not overlapped |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             reason = r["error"].strip().splitlines()[-1][:160]
             print(f"| {r['variant']} | failed: {reason} |")
             continue
-        losses = ", ".join(f"{x:.6f}" for x in r["losses"])
+        losses = ", ".join(
+            f"{x:.6f}{'d' if d else ''}" for x, d in zip(r["losses"], r["dense_steps"], strict=True)
+        )
         print(
             f"| {r['variant']} | {r['mesh']} | {r['batch']} x {r['seq_len']} | {losses} | "
             f"{r['step_s']:.3f} | {r['tokens_per_s_per_gpu'] / 1e3:.1f}K | "
-            f"{r['peak_gib_per_gpu']:.1f} |"
+            f"{r['peak_gib_per_gpu']:.1f} | {collectives(r.get('profile'))} |"
         )
     ref = next((r for r in rows if r["variant"] == "one" and "error" not in r), None)
     for r in rows:
