@@ -4,6 +4,9 @@ step, step time, tokens/s per GPU, peak memory per GPU and the mesh.
 
     python bench/multi_gpu.py                        # on a machine with 2 (or 4, 8) GPUs
     python bench/multi_gpu.py --variants one,seq --out bench/results
+    python bench/multi_gpu.py --profile     # one more step under the profiler: NCCL's share
+    JAX_DEFAULT_MATMUL_PRECISION=highest python bench/multi_gpu.py --dtype float32 --lr 1e-12
+                                            # float32, weights fixed: equal to the last bits
 
 Variants (n = the machine's GPU count):
   one        1 GPU, batch ``--batch`` x ``--seq-len``
@@ -14,7 +17,10 @@ Variants (n = the machine's GPU count):
   long_seq   seq=n, the same long sequence
 The first four see the same batches and must log the same losses. Weights are random, every
 layer L2A with a router drawn at random (so some tokens route and some skip); the dense-step
-coin is on half of the steps, so both kinds of step are compared.
+coin (``--dense-prob``) is on half of the steps, so both kinds of step are compared. With Adam,
+last-bit gradient differences between meshes grow after a few steps (Adam's first updates
+are about +-lr whatever a gradient's size, and the routers' thresholds flip tokens);
+``--lr 1e-12`` holds the weights fixed, so each step compares forward and backward alone.
 
 NVLink multicast stays off (``NCCL_NVLS_ENABLE=0``) in this process and its children, as the
 shared hosts require; ``XLA_PYTHON_CLIENT_MEM_FRACTION`` is raised to 0.95 so one GPU's
