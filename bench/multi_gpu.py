@@ -93,28 +93,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def random_routers(model, seed: int):
-    """Every router's weights drawn from N(0, 1): about half the tokens route."""
-    import jax
-    from flax import nnx
-
-    graphdef, state = nnx.split(model)
-    keys = iter(jax.random.split(jax.random.key(seed), 1024))
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-        if path[-1] == "router":
-            noise = jax.random.normal(next(keys), var.shape, var.dtype)
-            var = var.replace(jax.device_put(noise, var[...].sharding))
-        flat.append((path, var))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
 def run_variant(args) -> dict:
     import jax
     import numpy as np
     from flax import nnx
 
     from l2a_jax import Batch, L2AConfig, QwenModel, convert_to_l2a
+    from l2a_jax.convert import random_routers
     from l2a_jax.sharding import make_mesh
     from l2a_jax.training import TrainConfig, init_state, jit_train_step
 

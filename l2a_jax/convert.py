@@ -101,3 +101,20 @@ def prune_global_branches(model: QwenModel, layers) -> QwenModel:
             value = value + old[("layers", path[1], "global_attn", "bo")][...]
         flat.append((path, var.replace(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def random_routers(model: QwenModel, seed: int, scale: float = 1.0) -> QwenModel:
+    """``model`` with every L2A router's weights drawn from N(0, scale^2), each placed as the
+    router it replaces: routers that route some tokens and skip others, for benchmarks and
+    tests of an untrained L2A model (about half the tokens route at scale 1)."""
+    graphdef, state = nnx.split(model)
+    flat = nnx.to_flat_state(state)
+    count = sum(path[-1] == "router" for path, _ in flat)
+    keys = iter(jax.random.split(jax.random.key(seed), max(count, 1)))
+    out = []
+    for path, var in flat:
+        if path[-1] == "router":
+            noise = scale * jax.random.normal(next(keys), var.shape, var.dtype)
+            var = var.replace(jax.device_put(noise, var[...].sharding))
+        out.append((path, var))
+    return nnx.merge(graphdef, nnx.from_flat_state(out))

@@ -1,5 +1,5 @@
-"""What the mesh tests share: routers drawn at random on any mesh, and the check that a
-sharded model's parameter gradients equal one device's."""
+"""What the mesh tests share: the check that a sharded model's parameter gradients equal one
+device's."""
 
 import jax
 import jax.numpy as jnp
@@ -7,20 +7,6 @@ import numpy as np
 from flax import nnx
 
 from l2a_jax import Routing
-
-
-def random_router(model, seed, scale=1.0):
-    """``model`` with every router's weights drawn from N(0, scale^2), placed as the router
-    was: a router that routes some tokens and skips others."""
-    graphdef, state = nnx.split(model)
-    keys = iter(jax.random.split(jax.random.key(seed), 64))
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-        if path[-1] == "router":
-            noise = scale * jax.random.normal(next(keys), var.shape, var.dtype)
-            var = var.replace(jax.device_put(noise, var[...].sharding))
-        flat.append((path, var))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def assert_param_grads_match(sharded, single, ids, segments, dense_steps, atol=1e-4):

@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hf_models import build_hf_model, save_hf_model
-from sharded_checks import assert_param_grads_match, random_router
+from sharded_checks import assert_param_grads_match
 
 from l2a_jax import Batch, L2AConfig, convert_to_l2a, from_hf
 from l2a_jax.attention import AttentionBackend
 from l2a_jax.context_parallel import halo_hops
+from l2a_jax.convert import random_routers
 from l2a_jax.sharding import make_mesh
 from l2a_jax.training import TrainConfig, flat_metrics, init_state, jit_train_step
 from pallas_kernels import reference
@@ -146,7 +147,7 @@ def checkpoint(tmp_path_factory):
 
 def l2a_model(checkpoint, mesh):
     model = from_hf(checkpoint, mesh=mesh, attention_impl="xla")
-    return random_router(convert_to_l2a(model, L2AConfig(window=6)), seed=1)
+    return random_routers(convert_to_l2a(model, L2AConfig(window=6)), seed=1)
 
 
 def test_l2a_model_with_sequence_axis_matches_one_device(checkpoint, rng):

@@ -10,9 +10,10 @@ import pytest
 from flax import nnx
 from hf_models import build_hf_model, save_hf_model
 from jax.sharding import PartitionSpec
-from sharded_checks import assert_param_grads_match, random_router
+from sharded_checks import assert_param_grads_match
 
 from l2a_jax import Batch, ConfigError, L2AConfig, convert_to_l2a, from_hf, split_model
+from l2a_jax.convert import random_routers
 from l2a_jax.sharding import make_mesh
 from l2a_jax.training import TrainConfig, flat_metrics, init_state, jit_train_step
 
@@ -37,8 +38,8 @@ def models(checkpoint, mesh, l2a):
     sharded = from_hf(checkpoint, mesh=mesh, attention_impl="pallas")
     single = from_hf(checkpoint, attention_impl="xla")
     if l2a is not None:
-        sharded = random_router(convert_to_l2a(sharded, l2a), seed=1)
-        single = random_router(convert_to_l2a(single, l2a), seed=1)
+        sharded = random_routers(convert_to_l2a(sharded, l2a), seed=1)
+        single = random_routers(convert_to_l2a(single, l2a), seed=1)
     return sharded, single
 
 
