@@ -7,14 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hf_models import build_hf_model, save_hf_model
-from sharded_checks import assert_param_grads_match
+from sharded_checks import assert_param_grads_match, train_history
 
 from l2a_jax import Batch, L2AConfig, convert_to_l2a, from_hf
 from l2a_jax.attention import AttentionBackend
 from l2a_jax.context_parallel import halo_hops
 from l2a_jax.convert import random_routers
 from l2a_jax.sharding import make_mesh
-from l2a_jax.training import TrainConfig, flat_metrics, init_state, jit_train_step
+from l2a_jax.training import TrainConfig
 from pallas_kernels import reference
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
@@ -178,13 +178,7 @@ def test_train_steps_with_sequence_axis_match_one_device(checkpoint, rng):
     for mesh in (make_mesh(data=2, seq=4), None):
         model = l2a_model(checkpoint, mesh)
         batch = Batch.of(tokens, positions, segments, vocab_size=101)
-        graphdef, state, frozen = init_state(model, cfg, seed=3)
-        step = jit_train_step(graphdef, cfg, state, frozen)
-        history = []
-        for _ in range(4):
-            state, metrics = step(state, frozen, batch)
-            history.append(flat_metrics(metrics, model.l2a_layers))
-        histories.append(history)
+        histories.append(train_history(model, cfg, batch)[0])
     sharded, single = histories
     assert any(h["dense_step"] for h in single)
     for got, want in zip(sharded, single, strict=True):

@@ -10,12 +10,12 @@ import pytest
 from flax import nnx
 from hf_models import build_hf_model, save_hf_model
 from jax.sharding import PartitionSpec
-from sharded_checks import assert_param_grads_match
+from sharded_checks import assert_param_grads_match, train_history
 
 from l2a_jax import Batch, ConfigError, L2AConfig, convert_to_l2a, from_hf, split_model
 from l2a_jax.convert import random_routers
 from l2a_jax.sharding import make_mesh
-from l2a_jax.training import TrainConfig, flat_metrics, init_state, jit_train_step
+from l2a_jax.training import TrainConfig, init_state, jit_train_step
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
@@ -101,12 +101,7 @@ def test_sharded_train_steps_match_one_device(checkpoint, mesh, rng):
         model = convert_to_l2a(
             from_hf(checkpoint, mesh=model_mesh, attention_impl="xla"), L2AConfig(window=8)
         )
-        graphdef, state, frozen = init_state(model, cfg, seed=3)
-        step = jit_train_step(graphdef, cfg, state, frozen)
-        history = []
-        for _ in range(4):
-            state, metrics = step(state, frozen, batch)
-            history.append(flat_metrics(metrics, model.l2a_layers))
+        history, step, state = train_history(model, cfg, batch)
         assert step._cache_size() == 1, "every step must reuse the first step's program"
         if model_mesh is not None:
             router = state.params["layers"][0]["router"][...]
