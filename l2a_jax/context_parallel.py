@@ -47,13 +47,17 @@ def halo_hops(window: int, shard: int, shards: int) -> int:
     return min(-(-(window - 1) // shard), shards - 1)
 
 
-def _from_previous(x, axis, shards: int, hops: int):
-    """(halo, x): ``x`` of the ``hops`` previous shards concatenated in sequence order (zeros
-    before the first shard), along axis 1."""
+def _halo(x, axis, shards: int, hops: int, halo: int):
+    """The last ``halo`` tokens (along axis 1) of the ``hops`` shards before this one, in
+    sequence order (zeros before the first shard). Each shard sends only what is needed: the
+    whole shard for the nearer hops, its last ``halo - (hops - 1) * shard`` tokens for the
+    farthest."""
+    shard = x.shape[1]
     pieces = []
     for s in range(hops, 0, -1):
+        need = halo - (hops - 1) * shard if s == hops else shard
         perm = [(i, i + s) for i in range(shards - s)]
-        pieces.append(jax.lax.ppermute(x, axis, perm))
+        pieces.append(jax.lax.ppermute(x[:, shard - need :], axis, perm))
     return jnp.concatenate(pieces, axis=1)
 
 
@@ -98,8 +102,7 @@ def context_parallel_attention(
         if halo == 0:
             return inner.causal(q, k, v, segment_ids=seg, window=window)
         kk, vv, ss = (
-            jnp.concatenate([_from_previous(x, axis, shards, hops)[:, -halo:], x], axis=1)
-            for x in (k, v, seg)
+            jnp.concatenate([_halo(x, axis, shards, hops, halo), x], axis=1) for x in (k, v, seg)
         )
         qq = jnp.concatenate([jnp.zeros((q.shape[0], halo, *q.shape[2:]), q.dtype), q], axis=1)
         return inner.causal(qq, kk, vv, segment_ids=ss, window=window)[:, halo:]
