@@ -5,6 +5,10 @@ kernels of the trace it writes (Perfetto JSON) are summed by kernel name and by 
     report = profile_call(step, state, frozen, batch)   # after a warm-up call
     print(format_report(report))
 
+Kernels are also summed by operation: the ``jax.named_scope`` (``SCOPES``: the model's
+projections, attention branches, router, MLP, the head and loss, the optimizer) in the name
+stack the trace records for each kernel, forward and backward apart.
+
 Kinds: ``collective`` (NCCL kernels: all-gather, reduce-scatter, all-reduce, send/recv),
 ``attention`` (the Pallas and cuDNN attention kernels), ``matmul`` (cuBLAS / cuBLASLt and
 XLA's Triton GEMMs), ``other`` (fusions, copies, reductions). Besides the summed kernel time of
@@ -29,6 +33,45 @@ _KINDS = (
 )
 
 
+# the model's and the train step's ``jax.named_scope`` names, most specific first
+SCOPES = (
+    "window_qkv_proj",
+    "window_attention",
+    "window_out_proj",
+    "global_qkv_proj",
+    "global_attention",
+    "global_out_proj",
+    "router",
+    "qkv_proj",
+    "attention",
+    "out_proj",
+    "mlp",
+    "embed",
+    "head_and_loss",
+    "optimizer",
+)
+
+
+def scope_of(args: dict) -> tuple[str, str]:
+    """(scope, phase) of a kernel from its trace event's arguments: the first of ``SCOPES``
+    in the op's name stack (``unscoped`` if none, ``unknown`` without a name stack), and
+    ``backward`` when the op comes from a transpose (JAX's name for the backward pass) or
+    ``forward``."""
+    stack = " ".join(
+        str(args[k])
+        for k in ("name", "long_name", "tf_op", "scope")
+        if isinstance(args.get(k), str)
+    )
+    if "/" not in stack:
+        return "unknown", "forward"
+    phase = "backward" if "transpose(" in stack else "forward"
+    parts = stack.replace("(", "/").replace(")", "/").split("/")
+    for scope in SCOPES:
+        if scope in parts:
+            return scope, phase
+    return "unscoped", phase
+
+
 def kind_of(name: str) -> str:
     low = name.lower()
     for kind, marks in _KINDS:
@@ -47,9 +90,9 @@ def _union_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def device_kernels(trace: dict) -> dict[str, list[tuple[str, float, float]]]:
-    """GPU name -> its kernels (name, start us, end us), from a Perfetto JSON trace: the
-    complete events on the stream threads of each ``/device:GPU:N`` process."""
+def device_kernels(trace: dict) -> dict[str, list[tuple[str, float, float, dict]]]:
+    """GPU name -> its kernels (name, start us, end us, event arguments), from a Perfetto JSON
+    trace: the complete events on the stream threads of each ``/device:GPU:N`` process."""
     processes, threads = {}, {}
     for e in trace["traceEvents"]:
         if e.get("ph") == "M" and e.get("name") == "process_name":
@@ -64,7 +107,9 @@ def device_kernels(trace: dict) -> dict[str, list[tuple[str, float, float]]]:
         thread = threads.get((e["pid"], e["tid"]), "")
         if "/device:GPU" not in process or "stream" not in thread.lower():
             continue
-        kernels[process.split()[0]].append((e["name"], e["ts"], e["ts"] + e["dur"]))
+        kernels[process.split()[0]].append(
+            (e["name"], e["ts"], e["ts"] + e["dur"], e.get("args") or {})
+        )
     return dict(kernels)
 
 
@@ -80,11 +125,17 @@ def summarize(trace: dict, wall_s: float) -> dict:
     events = kernels[gpu]
     by_name = collections.Counter()
     by_kind = collections.Counter()
-    for name, start, stop in events:
+    by_scope = collections.defaultdict(lambda: {"forward": 0.0, "backward": 0.0})
+    for name, start, stop, args in events:
         by_name[name] += (stop - start) / 1e6
         by_kind[kind_of(name)] += (stop - start) / 1e6
-    spans = [(s, t) for _, s, t in events]
-    compute = [(s, t) for n, s, t in events if kind_of(n) != "collective"]
+        scope, phase = scope_of(args)
+        by_scope[scope][phase] += (stop - start) / 1e6
+    spans = [(s, t) for _, s, t, _ in events]
+    compute = [(s, t) for n, s, t, _ in events if kind_of(n) != "collective"]
+    examples = {}  # one kernel's arguments per scope: what the attribution read
+    for name, _, _, args in events:
+        examples.setdefault(scope_of(args)[0], {"kernel": name, **args})
     busy = _union_length(spans) / 1e6
     return {
         "gpu": gpu,
@@ -95,6 +146,8 @@ def summarize(trace: dict, wall_s: float) -> dict:
         "collective_share": by_kind["collective"] / wall_s,
         "collective_exposed_s": busy - _union_length(compute) / 1e6,
         "top": [(n, s) for n, s in by_name.most_common(25)],
+        "scope_s": {k: dict(v) for k, v in by_scope.items()},
+        "scope_examples": {k: {a: str(b)[:300] for a, b in v.items()} for k, v in examples.items()},
     }
 
 
@@ -130,6 +183,14 @@ def format_report(report: dict, top: int = 12) -> str:
     ]
     for kind, seconds in sorted(report["kernel_s"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  {kind:<11} {seconds * 1e3:9.1f} ms  {100 * seconds / wall:5.1f}% of wall")
+    scopes = report.get("scope_s", {})
+    if set(scopes) - {"unknown"}:
+        lines.append("  by operation (named scope): forward / backward ms")
+        for scope, t in sorted(scopes.items(), key=lambda kv: -sum(kv[1].values())):
+            lines.append(
+                f"    {scope:<16} {t['forward'] * 1e3:8.1f} / {t['backward'] * 1e3:8.1f}"
+                f"  {100 * sum(t.values()) / wall:5.1f}% of wall"
+            )
     for name, seconds in report["top"][:top]:
         lines.append(f"    {seconds * 1e3:9.2f} ms  {name[:110]}")
     return "\n".join(lines)

@@ -6,13 +6,16 @@ weights as arguments, the state donated).
     python bench/train_step.py                                   # Qwen2.5-0.5B shape, 32K
     python bench/train_step.py --seq-len 131072 --layers 4 --vocab 32000
     python bench/train_step.py --variants l2a_random --steps 3 --out bench/results
+    python bench/train_step.py --variants base,l2a_random --profile   # time by operation
 
 Variants: ``base`` (full attention; with ``--impl auto`` on a GPU that is cuDNN),
 ``base_pallas`` (full attention on the Pallas kernel), ``l2a_random`` (every layer L2A,
 ``--density`` of tokens routed at random on every step: the cost of a learned router at that
 density), ``l2a_swa`` (every layer L2A, no token routed). Weights are random (nothing is
 downloaded); parameters in ``--dtype``. The dense-step coin is off, so every step is the
-sparse step being measured.
+sparse step being measured. The first step is compiled ahead of time, so its time splits
+into tracing and lowering, XLA's compile, and the run; ``--profile`` runs one more step under
+the profiler and sums its kernels by the model's named scopes (``gpu_profile.py``).
 """
 
 from __future__ import annotations
@@ -53,6 +56,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed steps after the first")
     p.add_argument("--trainable", default="recipe", help="recipe (the L2A recipe) or all")
     p.add_argument("--remat", default="none", help="none, full or dots (per layer)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="one more step under the profiler: kernel time by operation (named scope)",
+    )
     p.add_argument("--out", type=pathlib.Path, default=None, help="folder for the JSON results")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process's variant
     return p.parse_args(argv)
@@ -86,26 +94,45 @@ def run_variant(args) -> dict:
     step = jit_train_step(graphdef, train_cfg, state, frozen)
     rng = np.random.default_rng(0)
     batch = Batch.of(rng.integers(0, args.vocab, (args.batch, args.seq_len)))
+    # the first step, ahead of time: tracing and lowering, XLA's compile, then the run
+    start = time.perf_counter()
+    lowered = step.lower(state, frozen, batch)
+    lower_s = time.perf_counter() - start
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start - lower_s
+    state, frozen, batch = step.place(state, frozen, batch)
+    hlo = compiled.as_text() or ""
     times = []
     for _ in range(1 + args.steps):
         start = time.perf_counter()
-        state, metrics = step(state, frozen, batch)
+        state, metrics = compiled(state, frozen, batch)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
+    times[0] += lower_s + compile_s
     loss = float(metrics["loss"])
     if not np.isfinite(loss):
         raise SystemExit(f"{args.one}: loss is {loss}")
     step_s = statistics.median(times[1:])
     stats = jax.devices()[0].memory_stats() or {}
+    profile = None
+    if args.profile:
+        from gpu_profile import format_report, profile_call
+
+        profile = profile_call(compiled, state, frozen, batch)
+        print(format_report(profile, top=20), flush=True)
     return {
         "variant": args.one,
         "attention": model_attention,
         "first_step_s": times[0],
+        "lower_s": lower_s,
+        "compile_s": compile_s,
+        "while_loops": hlo.count(" while("),
         "step_s": step_s,
         "tokens_per_s": args.batch * args.seq_len / step_s,
         "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
         "loss": loss,
         "routed_fraction": float(metrics.get("routed_fraction", 1.0)),
+        **({"profile": profile} if profile else {}),
     }
 
 
@@ -117,7 +144,8 @@ def main():
     device, rows, base = ran
     print(f"\n{device}, B={args.batch}, T={args.seq_len}, {shape_line(args)}, remat {args.remat}")
     print(
-        "| variant | attention | first step s | step ms | tokens/s | vs base | peak GiB | routed |"
+        "| variant | attention | first step s (lower + compile) | step ms | tokens/s | vs base "
+        "| peak GiB | routed |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -126,7 +154,8 @@ def main():
             continue
         speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
         print(
-            f"| {r['variant']} | {r['attention']} | {r['first_step_s']:.1f} | "
+            f"| {r['variant']} | {r['attention']} | {r['first_step_s']:.1f} "
+            f"({r['lower_s']:.1f} + {r['compile_s']:.1f}) | "
             f"{r['step_s'] * 1e3:.1f} | {r['tokens_per_s'] / 1e3:.1f}K | {speed} | "
             f"{r['peak_gib']:.1f} | {r['routed_fraction']:.2f} |"
         )

@@ -2,11 +2,13 @@
 structure (base layers, or L2A layers of one routing mode) are stacked and run by one
 ``lax.scan``, so XLA compiles each structure's layer once instead of once per layer.
 
-The stack is built from the per-layer weights on every call (one copy of the weights, at
-memory speed), so parameters keep their per-layer names and shardings for checkpoints and HF
-conversion. What differs between layers of a group beyond their weights (an L2A layer's index,
-which seeds its random routes, and its random-routing density) travels as scanned arrays, and
-so does each layer's slice of a per-group cache (generation's KV caches).
+A model's own weights stay per layer (their names and shardings are those of HF conversion),
+and ``layer_groups`` stacks them when it is called (one copy of the weights, at memory speed).
+Training keeps them stacked instead (``group_layouts``, ``stack_states``): the train step then
+neither stacks weights nor slices gradients apart, so its program does not grow with depth.
+What differs between layers of a group beyond their weights (an L2A layer's index, which seeds
+its random routes, and its random-routing density) travels as scanned arrays, and so does each
+layer's slice of a per-group cache (generation's KV caches).
 """
 
 from __future__ import annotations
@@ -39,26 +41,98 @@ class LayerGroup:
         return nnx.merge(self.graph, jax.tree.map(lambda w: w[0], self.weights))
 
 
+@dataclasses.dataclass(frozen=True)
+class GroupLayout:
+    """A group's structure without its weights (hashable, so a jitted step can take it as a
+    static argument): the layers' graph, their positions, indices and densities."""
+
+    graph: nnx.GraphDef
+    layers: tuple[int, ...]
+    index: tuple[int, ...]
+    density: tuple[float, ...]
+
+    def group(self, weights: nnx.State) -> LayerGroup:
+        """The group with ``weights`` stacked along a leading axis (as ``stack_states`` makes
+        them, or with per-layer metadata as ``layer_groups`` does)."""
+        weights = jax.tree.map(_per_layer_axes, weights, is_leaf=_is_variable)
+        return LayerGroup(
+            self.graph,
+            weights,
+            jnp.asarray(self.index, jnp.int32),
+            jnp.asarray(self.density, jnp.float32),
+            self.layers,
+        )
+
+
 def _structure(item) -> tuple:
     _, layer = item
     return type(layer).__name__, getattr(layer, "mode", None)
 
 
-def layer_groups(layers) -> list[LayerGroup]:
-    """``layers`` split into runs of one structure, weights stacked."""
-    groups = []
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _per_layer_axes(x):
+    """A stacked variable seen as one layer's inside the scan: ``layers`` off its axes."""
+    if _is_variable(x) and x.get_metadata().get("axes", ())[:1] == ("layers",):
+        return x.replace(axes=x.get_metadata()["axes"][1:])
+    return x
+
+
+def group_layouts(layers) -> tuple[GroupLayout, ...]:
+    """``layers`` split into runs of one structure."""
+    layouts = []
     for _, run in itertools.groupby(enumerate(layers), key=_structure):
         run = list(run)
         members = [layer for _, layer in run]
-        groups.append(
-            LayerGroup(
+        layouts.append(
+            GroupLayout(
                 graph=nnx.graphdef(members[0]),
-                weights=jax.tree.map(lambda *ws: jnp.stack(ws), *map(nnx.state, members)),
-                index=jnp.asarray([getattr(m, "index", 0) for m in members], jnp.int32),
-                density=jnp.asarray([getattr(m, "density", 0.0) for m in members], jnp.float32),
                 layers=tuple(i for i, _ in run),
+                index=tuple(int(getattr(m, "index", 0)) for m in members),
+                density=tuple(float(getattr(m, "density", 0.0)) for m in members),
             )
         )
+    return tuple(layouts)
+
+
+def stack_states(states: list[nnx.State]) -> nnx.State:
+    """Per-layer states of one structure stacked along a new leading axis; each variable's
+    ``axes`` metadata gains a leading ``layers`` axis (replicated), so the stack is sharded as
+    its layers were."""
+
+    def stack(*vs):
+        if not _is_variable(vs[0]):
+            return jnp.stack(vs)
+        axes = vs[0].get_metadata().get("axes")
+        value = jnp.stack([v.get_value() for v in vs])
+        return vs[0].replace(value, **({"axes": ("layers", *axes)} if axes else {}))
+
+    return jax.tree.map(stack, *states, is_leaf=_is_variable)
+
+
+def unstack_state(stacked: nnx.State, count: int) -> list[nnx.State]:
+    """``stack_states`` undone: ``count`` per-layer states."""
+
+    def one(n):
+        def take(v):
+            if not _is_variable(v):
+                return v[n]
+            axes = v.get_metadata().get("axes")
+            return v.replace(v.get_value()[n], **({"axes": tuple(axes[1:])} if axes else {}))
+
+        return jax.tree.map(take, stacked, is_leaf=_is_variable)
+
+    return [one(n) for n in range(count)]
+
+
+def layer_groups(layers) -> list[LayerGroup]:
+    """``layers`` split into runs of one structure, weights stacked."""
+    groups = []
+    for layout in group_layouts(layers):
+        members = [nnx.state(layers[i]) for i in layout.layers]
+        groups.append(layout.group(jax.tree.map(lambda *ws: jnp.stack(ws), *members)))
     return groups
 
 

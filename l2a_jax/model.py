@@ -123,9 +123,14 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, cos, sin, attend: Attend) -> jax.Array:
         """``attend`` runs the attention itself: over whole sequences (``SequenceAttention``)
         or one new token against a cache (``generate.py``)."""
-        q, k, v = self.attn.project_qkv(self.input_norm(x), cos, sin)
-        x = x + self.attn.project_out(attend.full(q, k, v))
-        return x + self.mlp(self.post_norm(x))
+        with jax.named_scope("qkv_proj"):
+            q, k, v = self.attn.project_qkv(self.input_norm(x), cos, sin)
+        with jax.named_scope("attention"):
+            heads = attend.full(q, k, v)
+        with jax.named_scope("out_proj"):
+            x = x + self.attn.project_out(heads)
+        with jax.named_scope("mlp"):
+            return x + self.mlp(self.post_norm(x))
 
 
 class L2ADecoderLayer(nnx.Module):
@@ -185,16 +190,23 @@ class L2ADecoderLayer(nnx.Module):
         index=None,
         density=None,
     ):
-        q, k, v = self.attn.project_qkv(self.input_norm(x), cos, sin)
-        h = x + self.attn.project_out(attend.local(q, k, v, self.l2a.window))
+        with jax.named_scope("window_qkv_proj"):
+            q, k, v = self.attn.project_qkv(self.input_norm(x), cos, sin)
+        with jax.named_scope("window_attention"):
+            heads = attend.local(q, k, v, self.l2a.window)
+        with jax.named_scope("window_out_proj"):
+            h = x + self.attn.project_out(heads)
         if self.mode == "pruned":
-            y = h + self.mlp(self.post_norm(h))
+            with jax.named_scope("mlp"):
+                y = h + self.mlp(self.post_norm(h))
             none = jnp.zeros(h.shape[:2], jnp.float32)
             return y, RouterStats.of(none, none, none > 0, False, routing.counted)
-        s = self.global_norm(h)
-        z, sigma, route, gate = self.decide(s, routing, index, density)
+        with jax.named_scope("router"):
+            s = self.global_norm(h)
+            z, sigma, route, gate = self.decide(s, routing, index, density)
         if self.mode != "swa":
-            q, k, v = self.global_attn.project_qkv(s, cos, sin)
+            with jax.named_scope("global_qkv_proj"):
+                q, k, v = self.global_attn.project_qkv(s, cos, sin)
 
             def dense(q, k, v, route):
                 return attend.full(q, k, v)
@@ -202,17 +214,20 @@ class L2ADecoderLayer(nnx.Module):
             def sparse(q, k, v, route):
                 return attend.routed(q, k, v, route)
 
-            if self.mode == "full" or routing.dense is True:
-                heads = dense(q, k, v, route)
-            elif routing.dense is False:
-                heads = sparse(q, k, v, route)
-            else:  # a traced coin: both arms in one program, one of them runs
-                heads = jax.lax.cond(routing.dense, dense, sparse, q, k, v, route)
-            gated = (gate[..., None, None] * heads.astype(jnp.float32)).astype(heads.dtype)
-            h = h + self.global_attn.project_out(gated)
+            with jax.named_scope("global_attention"):
+                if self.mode == "full" or routing.dense is True:
+                    heads = dense(q, k, v, route)
+                elif routing.dense is False:
+                    heads = sparse(q, k, v, route)
+                else:  # a traced coin: both arms in one program, one of them runs
+                    heads = jax.lax.cond(routing.dense, dense, sparse, q, k, v, route)
+            with jax.named_scope("global_out_proj"):
+                gated = (gate[..., None, None] * heads.astype(jnp.float32)).astype(heads.dtype)
+                h = h + self.global_attn.project_out(gated)
         elif self.global_attn.cfg.o_bias:
             h = h + self.global_attn.bo[...]  # o_proj_global(0): its bias alone
-        y = h + self.mlp(self.post_norm(h))
+        with jax.named_scope("mlp"):
+            y = h + self.mlp(self.post_norm(h))
         stats = RouterStats.of(z, sigma, route, self.mode == "l2a", routing.counted)
         return y, stats
 
@@ -308,11 +323,13 @@ class QwenModel(nnx.Module):
         *,
         routing: Routing | None = None,
         remat: str = "none",
+        groups: list | None = None,
     ) -> tuple[jax.Array, RouterStats | None]:
         """The final-normed hidden states (b, t, hidden) that ``output_head()`` maps to logits, and
         the routing statistics: what a loss that never holds every logit at once starts from.
         ``remat`` (see ``REMAT_POLICIES``) trades the backward pass's memory for recomputation,
-        layer by layer."""
+        layer by layer. ``groups``: the layers as ``layer_scan.LayerGroup``s whose weights are
+        already stacked (training keeps them so); by default this model's own layers."""
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat {remat!r} is unknown; use one of {tuple(REMAT_POLICIES)}")
         input_ids = as_token_ids(input_ids, self.cfg.vocab_size)
@@ -329,7 +346,8 @@ class QwenModel(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         cos, sin = self.rope(positions)
-        x = self.embed_tokens(input_ids)
+        with jax.named_scope("embed"):
+            x = self.embed_tokens(input_ids)
         if self.mesh is not None:  # activations: split by batch, whole along the hidden size
             rules = self.attention.rules
             spec = rules.spec(("batch", "seq"), self.mesh, (b, t))
@@ -337,7 +355,7 @@ class QwenModel(nnx.Module):
 
         attend = SequenceAttention(self.attention, segment_ids)
         x, stats, _ = self.run_decoder(
-            x, cos, sin, lambda cache: attend, routing=routing, remat=remat
+            x, cos, sin, lambda cache: attend, routing=routing, remat=remat, groups=groups
         )
         return self.final_norm(x), RouterStats.concat(stats)
 

@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
 
-from gpu_profile import format_report, kind_of, summarize  # noqa: E402
+from gpu_profile import format_report, kind_of, scope_of, summarize  # noqa: E402
 
 
 def _trace(kernels, pid=7, host_events=()):
@@ -18,7 +18,9 @@ def _trace(kernels, pid=7, host_events=()):
         {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
     ]
     events = [
-        {"ph": "X", "pid": pid, "tid": 1, "name": n, "ts": ts, "dur": dur} for n, ts, dur in kernels
+        {"ph": "X", "pid": pid, "tid": 1, "name": k[0], "ts": k[1], "dur": k[2]}
+        | ({"args": k[3]} if len(k) > 3 else {})
+        for k in kernels
     ]
     # the same ops again on the "XLA Ops" line and host events: not kernels, not counted
     events += [{**e, "tid": 2} for e in events]
@@ -68,3 +70,44 @@ def test_no_gpu_is_reported_not_raised():
 )
 def test_kind_of(name, kind):
     assert kind_of(name) == kind
+
+
+def test_time_by_named_scope_and_phase():
+    def op(stack):
+        return {"hlo_op": "fusion.1", "name": stack}
+
+    trace = _trace(
+        [
+            ("l2a_flash_forward", 0, 300, op("jit(train_step)/while/body/global_attention/pallas")),
+            ("l2a_flash_dkdv", 300, 500, op("jit(train_step)/transpose(jvp(global_attention))/x")),
+            ("nvjet_a", 800, 100, op("jit(train_step)/jvp(mlp)/dot_general")),
+            ("nvjet_b", 900, 40, op("jit(train_step)/transpose(jvp(mlp))/dot_general")),
+            ("loop_fusion", 940, 10, op("jit(train_step)/optimizer/add")),
+            ("copy_fusion", 950, 20, op("jit(train_step)/concatenate")),
+            ("memset", 970, 5),  # no name stack
+        ]
+    )
+    report = summarize(trace, wall_s=1e-3)
+    scopes = report["scope_s"]
+    assert scopes["global_attention"] == pytest.approx({"forward": 300e-6, "backward": 500e-6})
+    assert scopes["mlp"] == pytest.approx({"forward": 100e-6, "backward": 40e-6})
+    assert scopes["optimizer"] == pytest.approx({"forward": 10e-6, "backward": 0.0})
+    assert scopes["unscoped"]["forward"] == pytest.approx(20e-6)
+    assert scopes["unknown"]["forward"] == pytest.approx(5e-6)
+    assert report["scope_examples"]["mlp"]["kernel"] == "nvjet_a"
+    text = format_report(report)
+    assert "global_attention" in text and "by operation" in text
+
+
+@pytest.mark.parametrize(
+    ("stack", "expected"),
+    [
+        ("jit(f)/jvp(window_attention)/pallas_call", ("window_attention", "forward")),
+        ("jit(f)/transpose(jvp(attention))/dot", ("attention", "backward")),
+        ("jit(f)/global_qkv_proj/dot_general", ("global_qkv_proj", "forward")),
+        ("jit(f)/my_attention_thing/dot", ("unscoped", "forward")),  # whole names only
+        ("fusion.3", ("unknown", "forward")),
+    ],
+)
+def test_scope_of(stack, expected):
+    assert scope_of({"name": stack}) == expected

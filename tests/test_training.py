@@ -166,3 +166,48 @@ def test_the_model_stays_usable_after_donating_steps(master_dtype, rng):
     for _ in range(2):
         state, _ = step(state, frozen, Batch.of(ids))
     np.testing.assert_array_equal(np.asarray(model(ids)), before)
+
+
+def _count_eqns(jaxpr) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += 1
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            total += _count_eqns(sub)
+    return total
+
+
+@pytest.mark.parametrize("trainable", ["recipe", "all"])
+def test_train_step_program_does_not_grow_with_depth(trainable, rng):
+    """The whole train step (forward, backward, optimizer) traces to the same program for 2 and
+    10 layers: layers, their gradients and their optimizer update stay stacked per group, so
+    the compile time of a deep model is that of a shallow one. Trained weights come back per
+    layer, as the model had them."""
+    from flax import nnx
+
+    from l2a_jax import Batch, L2AConfig, ModelConfig, QwenModel, convert_to_l2a
+    from l2a_jax.training import init_state, train_step, trained_model
+
+    def program(num_layers):
+        cfg = ModelConfig("Qwen3ForCausalLM", 61, 32, 48, num_layers, 4, 2, 8, qk_norm=True)
+        base = QwenModel(cfg, attention_impl="xla", rngs=nnx.Rngs(0))
+        model = convert_to_l2a(base, L2AConfig(window=6, layers=(1, 2)))  # three groups
+        train = TrainConfig(
+            learning_rate=1e-2, warmup_steps=1, total_steps=10, sparsity_warmup_steps=1,
+            trainable=trainable,
+        )  # fmt: skip
+        graph, state, frozen = init_state(model, train)
+        batch = Batch.of(rng.integers(0, 61, (2, 12)))
+        step = jax.make_jaxpr(lambda s, f, b: train_step(graph, train, s, f, b))
+        return model, graph, state, frozen, _count_eqns(step(state, frozen, batch).jaxpr)
+
+    *_, shallow = program(4)
+    model, graph, state, frozen, deep = program(10)
+    assert shallow == deep
+    # the state's weights, back per layer, are the model's own
+    back = nnx.to_flat_state(nnx.state(trained_model(graph, state, frozen)))
+    want = nnx.to_flat_state(nnx.state(model))
+    assert [p for p, _ in back] == [p for p, _ in want]
+    for (path, got), (_, expected) in zip(back, want, strict=True):
+        np.testing.assert_array_equal(got.get_value(), expected.get_value(), err_msg=str(path))
+        assert got.get_metadata().get("axes") == expected.get_metadata().get("axes"), path

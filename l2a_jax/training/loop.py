@@ -165,7 +165,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
     )
     logger.info("memory per device, estimated: %.2f GiB", plan.total / 2**30)
     check_fits(plan)
-    graphdef, state, frozen = init_state(model, settings.train, seed=seed)
+    graph, state, frozen = init_state(model, settings.train, seed=seed)
     layers = model.l2a_layers
     del model  # the state holds the trainable weights, ``frozen`` the rest
     batches = iter(
@@ -189,7 +189,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
     if start:
         state = checkpoints.restore(start, abstract_like(state), batches)
         logger.info("resumed %s at step %d", workdir, start)
-    step_fn = jit_train_step(graphdef, settings.train, state, frozen)
+    step_fn = jit_train_step(graph, settings.train, state, frozen)
     log = MetricsLog(workdir, start=start, total=steps, enabled=jax.process_index() == 0)
     tokens_per_step = config.data.seq_len * config.data.batch_size
     try:
@@ -226,7 +226,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
     # every process takes part in gathering the weights; the first one writes them
     params, frozen = multihost_utils.process_allgather((state.params, frozen), tiled=True)
     if jax.process_index() == 0:
-        model = nnx.merge(graphdef, params, frozen)
+        model = graph.full_model(params, frozen)
         to_hf(model, workdir / "model", dtype=settings.dtype)
         plot_run(workdir)
     return workdir

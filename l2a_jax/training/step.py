@@ -6,6 +6,11 @@ a constant baked into the compiled program, and the ``TrainState`` (step, traina
 optimizer state, rng) is the one pytree a checkpoint saves. A step's dense-global coin and its
 random-route key are drawn inside the step from its own key, so one compiled program serves
 every step.
+
+The state keeps each run of same-structure layers stacked (``layer_scan.stack_states``): the
+step feeds those stacks to the layers' ``lax.scan`` and updates them as they are, so neither
+the traced program nor the optimizer's grows with the number of layers. ``trained_model``
+turns a state back into an ordinary per-layer model (for evaluation and HF export).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from l2a_jax.batch import Batch
 from l2a_jax.config import ConfigError, resolve_dtype
+from l2a_jax.layer_scan import GroupLayout, group_layouts, stack_states, unstack_state
 from l2a_jax.model import REMAT_POLICIES, QwenModel
 from l2a_jax.routing import RouterStats, Routing
 from l2a_jax.sharding import batch_sharding, data_parallel_size, param_shardings
@@ -114,96 +120,93 @@ class TrainConfig:
             raise ConfigError(f"loss_chunk must be >= 1 (positions), got {self.loss_chunk}")
 
 
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class StepGraph:
+    """The model's structure as the train step holds it: the whole model's graph, the graph of
+    the model without its layers (``shell``: embeddings, final norm, head, attention backend)
+    and each group of same-structure layers (``layer_scan.GroupLayout``). Weights that go with
+    it are ``{"model": <the shell's state>, "layers": [<a group's state, stacked>, ...]}``."""
+
+    model: nnx.GraphDef
+    shell: nnx.GraphDef
+    groups: tuple[GroupLayout, ...]
+
+    def split(self, state: nnx.State) -> dict:
+        """A per-layer state of the model (or a part of it) in the stacked form."""
+        layers = state.get("layers", {})
+        return {
+            "model": nnx.State({k: v for k, v in state.items() if k != "layers"}),
+            "layers": [
+                stack_states([layers[i] if i in layers else nnx.State({}) for i in g.layers])
+                for g in self.groups
+            ],
+        }
+
+    def join(self, stacked: dict) -> nnx.State:
+        """``split`` undone: the per-layer state."""
+        layers = {}
+        for g, weights in zip(self.groups, stacked["layers"], strict=True):
+            layers.update(zip(g.layers, unstack_state(weights, len(g.layers)), strict=True))
+        return nnx.State({**stacked["model"], "layers": layers})
+
+    def full_model(self, params: dict, frozen: dict) -> QwenModel:
+        """The whole model, per-layer weights, from stacked ``params`` and ``frozen``."""
+        return nnx.merge(self.model, self.join(params), self.join(frozen))
+
+    def shell_model(self, params: dict, frozen: dict) -> QwenModel:
+        """The model without its layers, which runs them from ``layer_groups`` instead."""
+        return nnx.merge(self.shell, params["model"], frozen["model"])
+
+    def layer_groups(self, params: dict, frozen: dict) -> list:
+        return [
+            g.group(nnx.merge_state(p, f))
+            for g, p, f in zip(self.groups, params["layers"], frozen["layers"], strict=True)
+        ]
+
+
+def step_graph(model: QwenModel) -> StepGraph:
+    layers = model.layers
+    model.layers = nnx.List([])  # the shell's graph: the model as it is, less its layers
+    try:
+        shell = nnx.graphdef(model)
+    finally:
+        model.layers = layers
+    return StepGraph(nnx.graphdef(model), shell, group_layouts(layers))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TrainState:
     """Everything a run needs to continue: what a checkpoint saves."""
 
     step: jax.Array
-    params: nnx.State  # the trainable parameters
+    params: dict  # the trainable parameters, in ``StepGraph``'s stacked form
     opt_state: Any
     rng: jax.Array  # raw key data (uint32), which every checkpoint format stores
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """Clipping by global norm, then AdamW on a warm-up + cosine schedule, applied to the
-    parameters stacked by shape (``stacked_by_shape``): the same update, with a compile time
-    that does not grow with depth."""
+    """Clipping by global norm, then AdamW on a warm-up + cosine schedule. The parameters it
+    updates are stacked per group of layers, so its compiled update holds one chain of
+    operations per kind of weight, whatever the depth."""
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, cfg.learning_rate, max(cfg.warmup_steps, 1), cfg.total_steps
     )
-    return stacked_by_shape(
-        optax.chain(
-            optax.clip_by_global_norm(cfg.grad_clip),
-            optax.adamw(schedule, weight_decay=cfg.weight_decay),
-        )
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(schedule, weight_decay=cfg.weight_decay),
     )
 
 
-def _is_variable(x) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
-def _stack(tree):
-    """The leaves of ``tree`` stacked by (shape, dtype, logical axes), as a dict of
-    ``nnx.Param`` with a leading ``layers`` axis, and the function that takes a tree of that
-    form back to ``tree``'s structure."""
-    leaves, treedef = jax.tree.flatten(tree, is_leaf=_is_variable)
-
-    def key(leaf):
-        axes = leaf.get_metadata().get("axes") if _is_variable(leaf) else None
-        return tuple(leaf.shape), jnp.dtype(leaf.dtype).name, axes
-
-    keys = [key(leaf) for leaf in leaves]
-    order = list(dict.fromkeys(keys))
-    members = [[i for i, k in enumerate(keys) if k == group] for group in order]
-
-    def value(x):
-        return x.get_value() if _is_variable(x) else x
-
-    stacked = {}
-    for g, (group, idx) in enumerate(zip(order, members, strict=True)):
-        array = jnp.stack([value(leaves[i]) for i in idx])
-        axes = group[2]
-        stacked[f"group{g}"] = nnx.Param(array, axes=("layers", *axes)) if axes else array
-
-    def unstack(groups):
-        out = list(leaves)
-        for g, idx in enumerate(members):
-            array = value(groups[f"group{g}"])
-            for n, i in enumerate(idx):
-                out[i] = leaves[i].replace(array[n]) if _is_variable(leaves[i]) else array[n]
-        return jax.tree.unflatten(treedef, out)
-
-    return stacked, unstack
-
-
-def stacked_by_shape(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-    """``inner`` applied to the parameters stacked by shape, dtype and logical axes (one array
-    per group, e.g. every layer's query projection): elementwise updates and global norms
-    give exactly what they give per parameter, and the compiled update holds one chain of
-    operations per group instead of one per parameter, so its compile time does not grow with
-    the number of layers. The optimizer state is kept stacked, sharded like the parameters
-    (the stacking axis is ``layers``, replicated)."""
-
-    def init(params):
-        return inner.init(_stack(params)[0])
-
-    def update(updates, state, params=None):
-        stacked, unstack = _stack(updates)
-        stacked_params = None if params is None else _stack(params)[0]
-        new, state = inner.update(stacked, state, stacked_params)
-        return unstack(new), state
-
-    return optax.GradientTransformation(init, update)
-
-
 def init_state(model: QwenModel, cfg: TrainConfig, *, seed: int = 0):
-    """(graphdef, state, frozen): the model's structure, its initial ``TrainState`` and the
-    frozen weights, which every step takes as an argument. The state holds copies of the
-    trainable parameters (a step donates its state), so ``model`` stays usable; the frozen
-    weights are the model's own arrays."""
-    graphdef, params, frozen = nnx.split(model, TRAINABLE_SETS[cfg.trainable], ...)
+    """(graph, state, frozen): the model's structure (a ``StepGraph``), its initial
+    ``TrainState`` and the frozen weights, which every step takes as an argument; weights in
+    the stacked form (``StepGraph``). The state holds copies of the trainable parameters (a
+    step donates its state), so ``model`` stays usable."""
+    graph = step_graph(model)
+    _, params, frozen = nnx.split(model, TRAINABLE_SETS[cfg.trainable], ...)
+    params, frozen = graph.split(params), graph.split(frozen)
     master = None if cfg.master_dtype is None else resolve_dtype(cfg.master_dtype)
     # a fresh buffer in every case: ``astype`` to the dtype an array already has returns the
     # array itself, which the first (donating) step would then take from the model
@@ -216,11 +219,11 @@ def init_state(model: QwenModel, cfg: TrainConfig, *, seed: int = 0):
         make_optimizer(cfg).init(params),
         jax.random.key_data(jax.random.key(seed)),
     )
-    return graphdef, state, frozen
+    return graph, state, frozen
 
 
 def train_step(
-    graphdef: nnx.GraphDef, cfg: TrainConfig, state: TrainState, frozen: nnx.State, batch: Batch
+    graph: StepGraph, cfg: TrainConfig, state: TrainState, frozen: dict, batch: Batch
 ) -> tuple[TrainState, dict]:
     """One optimizer step; pure. Metrics: ``loss``, ``cross_entropy``, ``sparsity_loss``,
     ``sparsity_weight``, ``dense_step``, ``grad_norm``, ``routed_fraction`` (mean over L2A
@@ -243,13 +246,19 @@ def train_step(
     def loss_fn(params, micro: Batch, routing: Routing):
         if compute is not None:
             params = jax.tree.map(lambda x: x.astype(compute), params)
-        model = nnx.merge(graphdef, params, frozen)
+        model = graph.shell_model(params, frozen)
         hidden, stats = model.hidden_with_stats(
-            micro.input_ids, micro.positions, micro.segment_ids, routing=routing, remat=cfg.remat
+            micro.input_ids,
+            micro.positions,
+            micro.segment_ids,
+            routing=routing,
+            remat=cfg.remat,
+            groups=graph.layer_groups(params, frozen),
         )
-        ce = chunked_next_token_loss(
-            hidden, model.output_head(), micro.input_ids, micro.loss_mask, chunk=cfg.loss_chunk
-        )
+        with jax.named_scope("head_and_loss"):
+            ce = chunked_next_token_loss(
+                hidden, model.output_head(), micro.input_ids, micro.loss_mask, chunk=cfg.loss_chunk
+            )
         reg = sparsity_loss(stats)
         return ce + lam * reg, (ce, reg, stats)
 
@@ -258,19 +267,21 @@ def train_step(
         (loss, (ce, reg, stats)), grads = grad_fn(state.params, batch, routing)
     else:
         (loss, (ce, reg, stats)), grads = _accumulate(grad_fn, state.params, batch, routing, cfg)
-    updates, opt_state = make_optimizer(cfg).update(grads, state.opt_state, state.params)
+    with jax.named_scope("optimizer"):
+        updates, opt_state = make_optimizer(cfg).update(grads, state.opt_state, state.params)
     metrics = {
         "loss": loss,
         "cross_entropy": ce,
         "sparsity_loss": reg,
         "sparsity_weight": lam,
         "dense_step": dense,
-        "grad_norm": optax.tree.norm(_stack(grads)[0]),  # one reduction per shape group
+        "grad_norm": optax.tree.norm(grads),
     }
     if stats is not None:
         metrics["routed_fraction"] = jnp.mean(stats.routed_fraction)
         metrics["router"] = stats
-    params = optax.apply_updates(state.params, updates)
+    with jax.named_scope("optimizer"):
+        params = optax.apply_updates(state.params, updates)
     return TrainState(state.step + 1, params, opt_state, jax.random.key_data(rng)), metrics
 
 
@@ -302,8 +313,8 @@ def _accumulate(grad_fn, params, batch: Batch, routing: Routing, cfg: TrainConfi
 
 
 def jit_train_step(
-    graphdef: nnx.GraphDef, cfg: TrainConfig, state: TrainState, frozen: nnx.State
-) -> Callable[[TrainState, nnx.State, Batch], tuple[TrainState, dict]]:
+    graph: StepGraph, cfg: TrainConfig, state: TrainState, frozen: dict
+) -> Callable[[TrainState, dict, Batch], tuple[TrainState, dict]]:
     """``train_step`` jitted for the model's mesh (the one it was built or loaded on): state and
     frozen weights placed by their logical axes, the batch split over the data axes, metrics
     replicated, and the incoming state donated (its buffers hold the next state; do not read
@@ -311,8 +322,8 @@ def jit_train_step(
 
     ``state`` and ``frozen`` (concrete or abstract) give the shapes the shardings are derived
     from. Without a mesh the step runs where its inputs are, donated all the same."""
-    step = jax.tree_util.Partial(train_step, graphdef, cfg)
-    backend = trained_model(graphdef, state, frozen).attention
+    step = jax.tree_util.Partial(train_step, graph, cfg)
+    backend = graph.shell_model(state.params, frozen).attention
     mesh, rules = backend.mesh, backend.rules
     if mesh is None:
         return jax.jit(step, donate_argnums=0)
@@ -339,14 +350,21 @@ def jit_train_step(
         frozen = _place(frozen, frozen_sharding)
         return jitted(state, frozen, _place(batch, tokens))
 
-    def lower(state, frozen, batch: Batch):
-        return jitted.lower(
-            _place(state, state_sharding), _place(frozen, frozen_sharding), _place(batch, tokens)
+    def place(state, frozen, batch: Batch):
+        return (
+            _place(state, state_sharding),
+            _place(frozen, frozen_sharding),
+            _place(batch, tokens),
         )
 
-    # as on a jitted function: the compiled programs, and lowering without running
+    def lower(state, frozen, batch: Batch):
+        return jitted.lower(*place(state, frozen, batch))
+
+    # as on a jitted function: the compiled programs, and lowering without running; ``place``
+    # lays arguments out for a program compiled ahead of time (``lower(...).compile()``)
     sharded_step._cache_size = jitted._cache_size
     sharded_step.lower = lower
+    sharded_step.place = place
     return sharded_step
 
 
@@ -367,9 +385,9 @@ def _place(tree, shardings):
     return jax.tree.map(lambda sh, sub: jax.tree.map(lambda x: one(x, sh), sub), shardings, tree)
 
 
-def trained_model(graphdef: nnx.GraphDef, state: TrainState, frozen: nnx.State) -> QwenModel:
-    """The model with the state's trainable parameters."""
-    return nnx.merge(graphdef, state.params, frozen)
+def trained_model(graph: StepGraph, state: TrainState, frozen: dict) -> QwenModel:
+    """The model with the state's trainable parameters, its layers per layer again."""
+    return graph.full_model(state.params, frozen)
 
 
 def flat_metrics(metrics: dict, layers: tuple[int, ...]) -> dict[str, float]:
