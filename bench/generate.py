@@ -11,11 +11,14 @@ Variants: ``base`` (full attention; ``--impl auto`` on a GPU runs its prefill on
 learned router at that density; decode timed with decode-time skipping on and off),
 ``l2a_swa`` (every layer L2A, no token routed: no global cache at all), ``l2a_half_pruned``
 (``l2a_random`` with the global branches of every other layer pruned). Weights are random.
+``--profile`` adds one prefill per length under the profiler, its kernels summed by the
+model's named scopes (``gpu_profile.py``), in processes without XLA's command buffers.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import statistics
 import sys
@@ -45,6 +48,11 @@ def parse_args(argv=None):
     add_shape_args(p)
     p.add_argument("--impl", default="auto")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="one more prefill per length under the profiler: kernel time by operation",
+    )
     p.add_argument("--out", type=pathlib.Path, default=None)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -63,6 +71,10 @@ def _timed(fn, repeats):
 
 
 def run_variant(args) -> dict:
+    if args.profile:  # as in train_step.py: command-buffer kernels carry no name stack
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
+        ).strip()
     import jax
     import numpy as np
     from flax import nnx
@@ -100,6 +112,12 @@ def run_variant(args) -> dict:
             "cache_bytes_planned": args.batch * cache_size(model, t).total,
         }
         del logits, cache
+        if args.profile:
+            from gpu_profile import profile_call
+
+            row["ttft"][t]["profile"] = profile_call(
+                lambda ids=ids, t=t: prefill(model, ids, capacity=t)
+            )
     # decode: one prefill, then the decode loop of ``decode_tokens`` steps, repeatedly
     n, context = args.decode_tokens, args.decode_context
     calls = 2 * (1 + args.repeats)  # with skipping on and off

@@ -54,15 +54,14 @@ SCOPES = (
 
 def scope_of(args: dict) -> tuple[str, str]:
     """(scope, phase) of a kernel from its trace event's arguments: the first of ``SCOPES``
-    in the op's name stack (``unscoped`` if none, ``unknown`` without a name stack), and
+    in the op's name stack (``unscoped`` if none, ``unknown`` without a name stack: copies,
+    memsets, kernels of a command buffer), and
     ``backward`` when the op comes from a transpose (JAX's name for the backward pass) or
     ``forward``."""
     stack = " ".join(
-        str(args[k])
-        for k in ("name", "long_name", "tf_op", "scope")
-        if isinstance(args.get(k), str)
+        str(args[k]) for k in ("name", "long_name", "scope") if isinstance(args.get(k), str)
     )
-    if "/" not in stack:
+    if not stack:
         return "unknown", "forward"
     phase = "backward" if "transpose(" in stack else "forward"
     parts = stack.replace("(", "/").replace(")", "/").split("/")
@@ -134,8 +133,12 @@ def summarize(trace: dict, wall_s: float) -> dict:
     spans = [(s, t) for _, s, t, _ in events]
     compute = [(s, t) for n, s, t, _ in events if kind_of(n) != "collective"]
     examples = {}  # one kernel's arguments per scope: what the attribution read
-    for name, _, _, args in events:
-        examples.setdefault(scope_of(args)[0], {"kernel": name, **args})
+    per_scope = collections.defaultdict(collections.Counter)  # scope -> (kernel, op) -> s
+    for name, start, stop, args in events:
+        scope = scope_of(args)[0]
+        examples.setdefault(scope, {"kernel": name, **args})
+        op = str(args.get("name") or args.get("hlo_op") or "")
+        per_scope[scope][(name, op[-160:])] += (stop - start) / 1e6
     busy = _union_length(spans) / 1e6
     return {
         "gpu": gpu,
@@ -148,6 +151,10 @@ def summarize(trace: dict, wall_s: float) -> dict:
         "top": [(n, s) for n, s in by_name.most_common(25)],
         "scope_s": {k: dict(v) for k, v in by_scope.items()},
         "scope_examples": {k: {a: str(b)[:300] for a, b in v.items()} for k, v in examples.items()},
+        "scope_top": {
+            k: [(kernel, op, t) for (kernel, op), t in v.most_common(6)]
+            for k, v in per_scope.items()
+        },
     }
 
 

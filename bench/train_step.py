@@ -15,12 +15,15 @@ density), ``l2a_swa`` (every layer L2A, no token routed). Weights are random (no
 downloaded); parameters in ``--dtype``. The dense-step coin is off, so every step is the
 sparse step being measured. The first step is compiled ahead of time, so its time splits
 into tracing and lowering, XLA's compile, and the run; ``--profile`` runs one more step under
-the profiler and sums its kernels by the model's named scopes (``gpu_profile.py``).
+the profiler and sums its kernels by the model's named scopes (``gpu_profile.py``); its
+processes run without XLA's command buffers (CUDA graphs), whose kernels the trace cannot
+attribute, so take step times from a run without ``--profile``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import statistics
 import sys
@@ -68,6 +71,12 @@ def parse_args(argv=None):
 
 def run_variant(args) -> dict:
     """Builds the model, runs ``1 + args.steps`` steps and measures them (in this process)."""
+    if args.profile:
+        # kernels launched from XLA's command buffers (CUDA graphs) carry no name stack in
+        # the trace; without them every kernel can be attributed to its named scope
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
+        ).strip()
     import jax
     import numpy as np
     from flax import nnx
@@ -142,7 +151,11 @@ def main():
     if ran is None:
         return
     device, rows, base = ran
-    print(f"\n{device}, B={args.batch}, T={args.seq_len}, {shape_line(args)}, remat {args.remat}")
+    graphs = ", XLA command buffers off (--profile)" if args.profile else ""
+    print(
+        f"\n{device}, B={args.batch}, T={args.seq_len}, {shape_line(args)}, remat "
+        f"{args.remat}{graphs}"
+    )
     print(
         "| variant | attention | first step s (lower + compile) | step ms | tokens/s | vs base "
         "| peak GiB | routed |"

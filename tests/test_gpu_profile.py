@@ -84,7 +84,7 @@ def test_time_by_named_scope_and_phase():
             ("nvjet_b", 900, 40, op("jit(train_step)/transpose(jvp(mlp))/dot_general")),
             ("loop_fusion", 940, 10, op("jit(train_step)/optimizer/add")),
             ("copy_fusion", 950, 20, op("jit(train_step)/concatenate")),
-            ("memset", 970, 5),  # no name stack
+            ("memset", 970, 5, {"hlo_op": "command_buffer_1"}),  # no name stack
         ]
     )
     report = summarize(trace, wall_s=1e-3)
@@ -95,6 +95,8 @@ def test_time_by_named_scope_and_phase():
     assert scopes["unscoped"]["forward"] == pytest.approx(20e-6)
     assert scopes["unknown"]["forward"] == pytest.approx(5e-6)
     assert report["scope_examples"]["mlp"]["kernel"] == "nvjet_a"
+    assert report["scope_top"]["mlp"][0][:2] == ("nvjet_a", "jit(train_step)/jvp(mlp)/dot_general")
+    assert scope_of({}) == ("unknown", "forward")
     text = format_report(report)
     assert "global_attention" in text and "by operation" in text
 
@@ -106,7 +108,7 @@ def test_time_by_named_scope_and_phase():
         ("jit(f)/transpose(jvp(attention))/dot", ("attention", "backward")),
         ("jit(f)/global_qkv_proj/dot_general", ("global_qkv_proj", "forward")),
         ("jit(f)/my_attention_thing/dot", ("unscoped", "forward")),  # whole names only
-        ("fusion.3", ("unknown", "forward")),
+        ("jit(f)", ("unscoped", "forward")),
     ],
 )
 def test_scope_of(stack, expected):
