@@ -170,3 +170,73 @@ def run_layers(
             stats.append(out)
         new_caches.append(cache)
     return x, stats, new_caches
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class StackedGraph:
+    """A model's structure for running it from stacked weights: the whole model's graph, the
+    graph of the model without its layers (``shell``: embeddings, final norm, head, attention
+    backend) and each group of same-structure layers. Weights in this form are
+    ``{"model": <a state of the shell>, "layers": [<a group's state, stacked>, ...]}``;
+    a model's weights may come as several such trees (trainable and frozen, say), each holding
+    its own part of every state.
+
+    A static argument of jitted functions, equal to any graph of the same structure; its
+    hash is computed once (hashing a deep model's graph on every call costs milliseconds)."""
+
+    model: nnx.GraphDef
+    shell: nnx.GraphDef
+    groups: tuple[GroupLayout, ...]
+
+    def __hash__(self) -> int:
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.model, self.shell, self.groups))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
+    def split(self, state: nnx.State) -> dict:
+        """A per-layer state of the model (or a part of it) in the stacked form."""
+        layers = state.get("layers", {})
+        return {
+            "model": nnx.State({k: v for k, v in state.items() if k != "layers"}),
+            "layers": [
+                stack_states([layers[i] if i in layers else nnx.State({}) for i in g.layers])
+                for g in self.groups
+            ],
+        }
+
+    def join(self, stacked: dict) -> nnx.State:
+        """``split`` undone: the per-layer state."""
+        layers = {}
+        for g, weights in zip(self.groups, stacked["layers"], strict=True):
+            layers.update(zip(g.layers, unstack_state(weights, len(g.layers)), strict=True))
+        return nnx.State({**stacked["model"], "layers": layers})
+
+    def full_model(self, *trees: dict):
+        """The whole model with per-layer weights again."""
+        return nnx.merge(self.model, *(self.join(t) for t in trees))
+
+    def shell_model(self, *trees: dict):
+        """The model without its layers; ``layer_groups`` gives them, to pass to its
+        ``hidden_with_stats`` or ``run_decoder``."""
+        return nnx.merge(self.shell, *(t["model"] for t in trees))
+
+    def layer_groups(self, *trees: dict) -> list[LayerGroup]:
+        return [
+            g.group(nnx.merge_state(*states))
+            for g, *states in zip(self.groups, *(t["layers"] for t in trees), strict=True)
+        ]
+
+
+def stacked_graph(model) -> StackedGraph:
+    """The ``StackedGraph`` of ``model`` (a ``QwenModel``); ``graph.split(nnx.state(model))``
+    gives its weights in the stacked form."""
+    layers = model.layers
+    model.layers = nnx.List([])  # the shell's graph: the model as it is, less its layers
+    try:
+        shell = nnx.graphdef(model)
+    finally:
+        model.layers = layers
+    return StackedGraph(nnx.graphdef(model), shell, group_layouts(layers))

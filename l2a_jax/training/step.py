@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from l2a_jax.batch import Batch
 from l2a_jax.config import ConfigError, resolve_dtype
-from l2a_jax.layer_scan import GroupLayout, group_layouts, stack_states, unstack_state
+from l2a_jax.layer_scan import StackedGraph, stacked_graph
 from l2a_jax.model import REMAT_POLICIES, QwenModel
 from l2a_jax.routing import RouterStats, Routing
 from l2a_jax.sharding import batch_sharding, data_parallel_size, param_shardings
@@ -120,68 +120,13 @@ class TrainConfig:
             raise ConfigError(f"loss_chunk must be >= 1 (positions), got {self.loss_chunk}")
 
 
-@jax.tree_util.register_static
-@dataclasses.dataclass(frozen=True)
-class StepGraph:
-    """The model's structure as the train step holds it: the whole model's graph, the graph of
-    the model without its layers (``shell``: embeddings, final norm, head, attention backend)
-    and each group of same-structure layers (``layer_scan.GroupLayout``). Weights that go with
-    it are ``{"model": <the shell's state>, "layers": [<a group's state, stacked>, ...]}``."""
-
-    model: nnx.GraphDef
-    shell: nnx.GraphDef
-    groups: tuple[GroupLayout, ...]
-
-    def split(self, state: nnx.State) -> dict:
-        """A per-layer state of the model (or a part of it) in the stacked form."""
-        layers = state.get("layers", {})
-        return {
-            "model": nnx.State({k: v for k, v in state.items() if k != "layers"}),
-            "layers": [
-                stack_states([layers[i] if i in layers else nnx.State({}) for i in g.layers])
-                for g in self.groups
-            ],
-        }
-
-    def join(self, stacked: dict) -> nnx.State:
-        """``split`` undone: the per-layer state."""
-        layers = {}
-        for g, weights in zip(self.groups, stacked["layers"], strict=True):
-            layers.update(zip(g.layers, unstack_state(weights, len(g.layers)), strict=True))
-        return nnx.State({**stacked["model"], "layers": layers})
-
-    def full_model(self, params: dict, frozen: dict) -> QwenModel:
-        """The whole model, per-layer weights, from stacked ``params`` and ``frozen``."""
-        return nnx.merge(self.model, self.join(params), self.join(frozen))
-
-    def shell_model(self, params: dict, frozen: dict) -> QwenModel:
-        """The model without its layers, which runs them from ``layer_groups`` instead."""
-        return nnx.merge(self.shell, params["model"], frozen["model"])
-
-    def layer_groups(self, params: dict, frozen: dict) -> list:
-        return [
-            g.group(nnx.merge_state(p, f))
-            for g, p, f in zip(self.groups, params["layers"], frozen["layers"], strict=True)
-        ]
-
-
-def step_graph(model: QwenModel) -> StepGraph:
-    layers = model.layers
-    model.layers = nnx.List([])  # the shell's graph: the model as it is, less its layers
-    try:
-        shell = nnx.graphdef(model)
-    finally:
-        model.layers = layers
-    return StepGraph(nnx.graphdef(model), shell, group_layouts(layers))
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TrainState:
     """Everything a run needs to continue: what a checkpoint saves."""
 
     step: jax.Array
-    params: dict  # the trainable parameters, in ``StepGraph``'s stacked form
+    params: dict  # the trainable parameters, layers stacked (``layer_scan.StackedGraph``)
     opt_state: Any
     rng: jax.Array  # raw key data (uint32), which every checkpoint format stores
 
@@ -200,11 +145,11 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 
 def init_state(model: QwenModel, cfg: TrainConfig, *, seed: int = 0):
-    """(graph, state, frozen): the model's structure (a ``StepGraph``), its initial
+    """(graph, state, frozen): the model's structure (a ``StackedGraph``), its initial
     ``TrainState`` and the frozen weights, which every step takes as an argument; weights in
-    the stacked form (``StepGraph``). The state holds copies of the trainable parameters (a
+    the stacked form (``StackedGraph``). The state holds copies of the trainable parameters (a
     step donates its state), so ``model`` stays usable."""
-    graph = step_graph(model)
+    graph = stacked_graph(model)
     _, params, frozen = nnx.split(model, TRAINABLE_SETS[cfg.trainable], ...)
     params, frozen = graph.split(params), graph.split(frozen)
     master = None if cfg.master_dtype is None else resolve_dtype(cfg.master_dtype)
@@ -223,7 +168,7 @@ def init_state(model: QwenModel, cfg: TrainConfig, *, seed: int = 0):
 
 
 def train_step(
-    graph: StepGraph, cfg: TrainConfig, state: TrainState, frozen: dict, batch: Batch
+    graph: StackedGraph, cfg: TrainConfig, state: TrainState, frozen: dict, batch: Batch
 ) -> tuple[TrainState, dict]:
     """One optimizer step; pure. Metrics: ``loss``, ``cross_entropy``, ``sparsity_loss``,
     ``sparsity_weight``, ``dense_step``, ``grad_norm``, ``routed_fraction`` (mean over L2A
@@ -313,7 +258,7 @@ def _accumulate(grad_fn, params, batch: Batch, routing: Routing, cfg: TrainConfi
 
 
 def jit_train_step(
-    graph: StepGraph, cfg: TrainConfig, state: TrainState, frozen: dict
+    graph: StackedGraph, cfg: TrainConfig, state: TrainState, frozen: dict
 ) -> Callable[[TrainState, dict, Batch], tuple[TrainState, dict]]:
     """``train_step`` jitted for the model's mesh (the one it was built or loaded on): state and
     frozen weights placed by their logical axes, the batch split over the data axes, metrics
@@ -385,7 +330,7 @@ def _place(tree, shardings):
     return jax.tree.map(lambda sh, sub: jax.tree.map(lambda x: one(x, sh), sub), shardings, tree)
 
 
-def trained_model(graph: StepGraph, state: TrainState, frozen: dict) -> QwenModel:
+def trained_model(graph: StackedGraph, state: TrainState, frozen: dict) -> QwenModel:
     """The model with the state's trainable parameters, its layers per layer again."""
     return graph.full_model(state.params, frozen)
 
