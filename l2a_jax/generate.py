@@ -36,7 +36,8 @@ from flax import nnx
 
 from l2a_jax.attention import SequenceAttention
 from l2a_jax.batch import as_token_ids
-from l2a_jax.layer_scan import layer_groups
+from l2a_jax.config import ModelConfig
+from l2a_jax.layer_scan import StackedGraph, stacked_graph
 from l2a_jax.model import L2ADecoderLayer, QwenModel
 from l2a_jax.routing import RouterStats, Routing
 from pallas_kernels.reference import masked_attention
@@ -197,23 +198,24 @@ def _logits(model: QwenModel, x_last):
     return jnp.einsum("bd,dv->bv", h, model.output_head(), preferred_element_type=jnp.float32)
 
 
-def _prefill(model: QwenModel, ids, lengths, capacity: int, routing: Routing):
+def _prefill(model: QwenModel, groups, ids, lengths, capacity: int, routing: Routing):
     b, t = ids.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cos, sin = model.rope(positions)
     x = model.embed_tokens(ids)
     inner = SequenceAttention(model.attention)
     counted = positions < lengths[:, None]  # routing statistics over the real tokens only
-    x, stats, groups = model.run_decoder(
+    x, stats, caches = model.run_decoder(
         x,
         cos,
         sin,
         lambda cache: _PrefillAttend(inner, lengths, capacity),
         routing=dataclasses.replace(routing, counted=counted),
+        groups=groups,
     )
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
     stats = RouterStats.concat(stats)
-    return _logits(model, last), KVCache(groups, lengths, capacity), stats
+    return _logits(model, last), KVCache(caches, lengths, capacity), stats
 
 
 def _decode(model: QwenModel, groups, cache: KVCache, tokens, routing: Routing, skip):
@@ -272,27 +274,29 @@ def _routing(key) -> Routing:
     return Routing(rng=key)  # only ``random`` layers read it
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "capacity"))
-def _prefill_jit(graphdef, state, ids, lengths, key, *, capacity: int):
-    return _prefill(nnx.merge(graphdef, state), ids, lengths, capacity, _routing(key))
+@functools.partial(jax.jit, static_argnames=("graph", "capacity"))
+def _prefill_jit(graph: StackedGraph, weights, ids, lengths, key, *, capacity: int):
+    model, groups = graph.shell_model(weights), graph.layer_groups(weights)
+    return _prefill(model, groups, ids, lengths, capacity, _routing(key))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _decode_step_jit(graphdef, state, cache, tokens, key, skip):
-    model = nnx.merge(graphdef, state)
-    return _decode(model, None, cache, tokens, _routing(key), skip)
+@functools.partial(jax.jit, static_argnames=("graph",), donate_argnames=("cache",))
+def _decode_step_jit(graph: StackedGraph, weights, cache, tokens, key, skip):
+    model, groups = graph.shell_model(weights), graph.layer_groups(weights)
+    return _decode(model, groups, cache, tokens, _routing(key), skip)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "steps", "sampling", "eos", "pad"),
+    static_argnames=("graph", "steps", "sampling", "eos", "pad"),
     donate_argnames=("cache",),
 )
-def _decode_loop(graphdef, state, cache, first, key, skip, *, steps, sampling, eos, pad):
+def _decode_loop(
+    graph: StackedGraph, weights, cache, first, key, skip, *, steps, sampling, eos, pad
+):
     """Tokens (b, steps) after ``first`` (b,), which is already the first of them, and the
     final cache (returned so the donated one is updated in place)."""
-    model = nnx.merge(graphdef, state)
-    groups = layer_groups(model.layers)  # stacked once, outside the loop
+    model, groups = graph.shell_model(weights), graph.layer_groups(weights)
     b = first.shape[0]
     eos_ids = jnp.asarray(eos or (-1,), jnp.int32)
     out = jnp.full((b, steps), pad, jnp.int32).at[:, 0].set(first)
@@ -319,7 +323,36 @@ def _decode_loop(graphdef, state, cache, first, key, skip, *, steps, sampling, e
 # the public entry points
 
 
-def _prompts(model: QwenModel, input_ids, prompt_lengths):
+@dataclasses.dataclass(frozen=True)
+class ServingModel:
+    """A model made ready for many generation calls: its weights taken out of the module graph
+    once, each run of same-structure layers stacked (``layer_scan.StackedGraph``). Every call
+    of ``prefill``, ``decode_step``, ``decode`` or ``generate`` with a plain ``QwenModel``
+    does this first, which costs host time on every call (a deep model's graph walked, its
+    layers stacked); with a ``ServingModel`` it is done once. It holds the weights as they
+    were: make a new one after changing them. It keeps no reference to the module."""
+
+    graph: StackedGraph
+    weights: dict
+
+    @classmethod
+    def of(cls, model: QwenModel | ServingModel) -> ServingModel:
+        if isinstance(model, ServingModel):
+            return model
+        graph = stacked_graph(model)
+        return cls(graph, graph.split(nnx.state(model)))
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.graph.shell_model(self.weights).cfg
+
+
+def serving_model(model: QwenModel) -> ServingModel:
+    """``model`` made ready for many generation calls (``ServingModel``)."""
+    return ServingModel.of(model)
+
+
+def _prompts(model: QwenModel | ServingModel, input_ids, prompt_lengths):
     """Right-padded (b, T) int32 ids (padding set to 0) and lengths (b,) as NumPy arrays."""
     rows = input_ids
     ragged = (
@@ -358,7 +391,7 @@ def _prompts(model: QwenModel, input_ids, prompt_lengths):
     return ids.astype(np.int32), lengths
 
 
-def _capacity(model: QwenModel, longest: int, new_tokens: int) -> int:
+def _capacity(model: QwenModel | ServingModel, longest: int, new_tokens: int) -> int:
     need = longest + new_tokens
     limit = model.cfg.max_position_embeddings
     if need > limit and model.cfg.rope.rope_type != "dynamic":
@@ -370,31 +403,40 @@ def _capacity(model: QwenModel, longest: int, new_tokens: int) -> int:
     return need
 
 
-def prefill(model: QwenModel, input_ids, *, prompt_lengths=None, capacity=None, seed: int = 0):
+def prefill(
+    model: QwenModel | ServingModel,
+    input_ids,
+    *,
+    prompt_lengths=None,
+    capacity=None,
+    seed: int = 0,
+):
     """Runs the model once over right-padded prompts with the attention implementations of
     training (kernels on a GPU) and fills the caches. Returns the logits of each row's next
     token (b, vocab) float32 and a ``KVCache`` with room for ``capacity`` positions (default:
-    the prompt width)."""
+    the prompt width). ``model``: a ``QwenModel`` or, for many calls, a ``ServingModel``."""
+    model = ServingModel.of(model)
     ids, lengths = _prompts(model, input_ids, prompt_lengths)
     capacity = _capacity(model, ids.shape[1], 0 if capacity is None else capacity - ids.shape[1])
-    graphdef, state = nnx.split(model)
     key = jax.random.key(seed)
-    return _prefill_jit(graphdef, state, ids, lengths, key, capacity=capacity)[:2]
+    return _prefill_jit(model.graph, model.weights, ids, lengths, key, capacity=capacity)[:2]
 
 
-def decode_step(model: QwenModel, cache: KVCache, tokens, *, skip: bool = True, seed: int = 0):
+def decode_step(
+    model: QwenModel | ServingModel, cache: KVCache, tokens, *, skip: bool = True, seed: int = 0
+):
     """Feeds one token per row at the cache's next position; returns the logits of the token
     after it (b, vocab) float32 and the updated cache (the argument's buffers are donated).
     ``skip``: unrouted rows do not read an L2A layer's global cache."""
+    model = ServingModel.of(model)
     tokens = as_token_ids(np.asarray(tokens)[:, None], model.cfg.vocab_size)[:, 0]
     cache.check_room(1)
-    graphdef, state = nnx.split(model)
     key = jax.random.key(seed)
-    return _decode_step_jit(graphdef, state, cache, tokens, key, jnp.asarray(skip))
+    return _decode_step_jit(model.graph, model.weights, cache, tokens, key, jnp.asarray(skip))
 
 
 def generate(
-    model: QwenModel,
+    model: QwenModel | ServingModel,
     input_ids,
     *,
     max_new_tokens: int,
@@ -418,18 +460,19 @@ def generate(
     otherwise sampled (``top_k``, ``top_p``) from ``seed``. ``skip`` turns decode-time
     skipping of unrouted global reads on (results are the same either way). With
     ``return_stats``, also the prefill's ``RouterStats`` over the prompts' real tokens (None
-    for a model without L2A layers)."""
+    for a model without L2A layers). ``model``: a ``QwenModel`` or, for many calls, a
+    ``ServingModel`` (``serving_model(model)``)."""
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
     sampling = Sampling(temperature, top_p, top_k)
     eos = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).astype(int).tolist())
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    model = ServingModel.of(model)
     ids, lengths = _prompts(model, input_ids, prompt_lengths)
     capacity = _capacity(model, ids.shape[1], max_new_tokens)
-    graphdef, state = nnx.split(model)
     key = jax.random.key(seed)
     logits, cache, stats = _prefill_jit(
-        graphdef, state, ids, lengths, jax.random.fold_in(key, 0), capacity=capacity
+        model.graph, model.weights, ids, lengths, jax.random.fold_in(key, 0), capacity=capacity
     )
     first = sampling(logits, jax.random.fold_in(key, 1))
     tokens, _ = decode(
@@ -440,7 +483,7 @@ def generate(
 
 
 def decode(
-    model: QwenModel,
+    model: QwenModel | ServingModel,
     cache: KVCache,
     first,
     *,
@@ -455,11 +498,11 @@ def decode(
     (sampled from ``prefill``'s logits), fed at the cache's next positions. Returns the new
     tokens (b, max_new_tokens), ``first`` included, and the final cache (the argument's
     buffers are donated)."""
+    model = ServingModel.of(model)
     cache.check_room(max_new_tokens - 1)  # the last new token is returned, not fed
-    graphdef, state = nnx.split(model)
     return _decode_loop(
-        graphdef,
-        state,
+        model.graph,
+        model.weights,
         cache,
         jnp.asarray(first, jnp.int32),
         jax.random.fold_in(jax.random.key(seed), 2),

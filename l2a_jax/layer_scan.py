@@ -112,6 +112,13 @@ def stack_states(states: list[nnx.State]) -> nnx.State:
     return jax.tree.map(stack, *states, is_leaf=_is_variable)
 
 
+@jax.jit
+def _stack_groups(members: list[list[nnx.State]]) -> list[nnx.State]:
+    """``stack_states`` of every group in one program (stacking leaf by leaf eagerly would
+    dispatch an operation per weight)."""
+    return [stack_states(states) for states in members]
+
+
 def unstack_state(stacked: nnx.State, count: int) -> list[nnx.State]:
     """``stack_states`` undone: ``count`` per-layer states."""
 
@@ -199,12 +206,12 @@ class StackedGraph:
     def split(self, state: nnx.State) -> dict:
         """A per-layer state of the model (or a part of it) in the stacked form."""
         layers = state.get("layers", {})
+        members = [
+            [layers[i] if i in layers else nnx.State({}) for i in g.layers] for g in self.groups
+        ]
         return {
             "model": nnx.State({k: v for k, v in state.items() if k != "layers"}),
-            "layers": [
-                stack_states([layers[i] if i in layers else nnx.State({}) for i in g.layers])
-                for g in self.groups
-            ],
+            "layers": _stack_groups(members),
         }
 
     def join(self, stacked: dict) -> nnx.State:

@@ -275,3 +275,30 @@ def test_decoding_past_the_capacity_is_refused(tmp_path, rng):
     _, cache = prefill(model, prompts, capacity=12)
     with pytest.raises(ValueError, match="too few for 3 more"):
         decode(model, cache, tokens, max_new_tokens=4)
+
+
+def test_a_serving_model_generates_what_the_module_does(tmp_path, rng):
+    """``serving_model`` (weights taken out and layers stacked once) gives the same tokens,
+    logits and caches as calls with the module, keeps the weights it was made with, and calls
+    with the module reuse one compiled program (their layout is equal from call to call)."""
+    from l2a_jax.generate import _prefill_jit, serving_model
+
+    model = l2a_model(tmp_path, "random", window=3, random_densities=(0.5, 0.5))
+    served = serving_model(model)
+    prompts = [list(rng.integers(0, 101, n)) for n in (9, 5, 7)]
+    want = generate(model, prompts, max_new_tokens=8, seed=3)
+    np.testing.assert_array_equal(generate(served, prompts, max_new_tokens=8, seed=3), want)
+    logits, cache = prefill(model, prompts, capacity=16)
+    got_logits, got_cache = prefill(served, prompts, capacity=16)
+    np.testing.assert_array_equal(got_logits, logits)
+    for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(cache), strict=True):
+        np.testing.assert_array_equal(a, b)
+    compiled = _prefill_jit._cache_size()
+    prefill(model, prompts, capacity=16)
+    prefill(served, prompts, capacity=16)
+    assert _prefill_jit._cache_size() == compiled
+    # a serving model is a snapshot: changing the module afterwards changes the module's output
+    for layer in model.layers:
+        layer.attn.wo[...] = jnp.zeros_like(layer.attn.wo[...])
+    np.testing.assert_array_equal(prefill(served, prompts, capacity=16)[0], logits)
+    assert not np.array_equal(prefill(model, prompts, capacity=16)[0], logits)
