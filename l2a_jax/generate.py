@@ -336,11 +336,13 @@ class ServingModel:
     weights: dict
 
     @classmethod
-    def of(cls, model: QwenModel | ServingModel) -> ServingModel:
+    def of(cls, model: QwenModel | ServingModel, *, stack: bool = True) -> ServingModel:
+        """``model``'s weights; ``stack=False`` (a call's own use of a module) leaves the
+        stacking of layers to the jitted program, which copies the weights only there."""
         if isinstance(model, ServingModel):
             return model
         graph = stacked_graph(model)
-        return cls(graph, graph.split(nnx.state(model)))
+        return cls(graph, graph.split(nnx.state(model), stack=stack))
 
     @property
     def cfg(self) -> ModelConfig:
@@ -415,7 +417,7 @@ def prefill(
     training (kernels on a GPU) and fills the caches. Returns the logits of each row's next
     token (b, vocab) float32 and a ``KVCache`` with room for ``capacity`` positions (default:
     the prompt width). ``model``: a ``QwenModel`` or, for many calls, a ``ServingModel``."""
-    model = ServingModel.of(model)
+    model = ServingModel.of(model, stack=False)
     ids, lengths = _prompts(model, input_ids, prompt_lengths)
     capacity = _capacity(model, ids.shape[1], 0 if capacity is None else capacity - ids.shape[1])
     key = jax.random.key(seed)
@@ -428,7 +430,7 @@ def decode_step(
     """Feeds one token per row at the cache's next position; returns the logits of the token
     after it (b, vocab) float32 and the updated cache (the argument's buffers are donated).
     ``skip``: unrouted rows do not read an L2A layer's global cache."""
-    model = ServingModel.of(model)
+    model = ServingModel.of(model, stack=False)
     tokens = as_token_ids(np.asarray(tokens)[:, None], model.cfg.vocab_size)[:, 0]
     cache.check_room(1)
     key = jax.random.key(seed)
@@ -467,7 +469,7 @@ def generate(
     sampling = Sampling(temperature, top_p, top_k)
     eos = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).astype(int).tolist())
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-    model = ServingModel.of(model)
+    model = ServingModel.of(model, stack=False)
     ids, lengths = _prompts(model, input_ids, prompt_lengths)
     capacity = _capacity(model, ids.shape[1], max_new_tokens)
     key = jax.random.key(seed)
@@ -498,7 +500,7 @@ def decode(
     (sampled from ``prefill``'s logits), fed at the cache's next positions. Returns the new
     tokens (b, max_new_tokens), ``first`` included, and the final cache (the argument's
     buffers are donated)."""
-    model = ServingModel.of(model)
+    model = ServingModel.of(model, stack=False)
     cache.check_room(max_new_tokens - 1)  # the last new token is returned, not fed
     return _decode_loop(
         model.graph,

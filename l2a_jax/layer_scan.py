@@ -203,15 +203,17 @@ class StackedGraph:
             object.__setattr__(self, "_hash", cached)
         return cached
 
-    def split(self, state: nnx.State) -> dict:
-        """A per-layer state of the model (or a part of it) in the stacked form."""
+    def split(self, state: nnx.State, *, stack: bool = True) -> dict:
+        """A per-layer state of the model (or a part of it) in the stacked form. With
+        ``stack=False`` each group holds the list of its layers' states instead, which
+        ``layer_groups`` stacks where it runs (inside a jitted program: no separate copy)."""
         layers = state.get("layers", {})
         members = [
             [layers[i] if i in layers else nnx.State({}) for i in g.layers] for g in self.groups
         ]
         return {
             "model": nnx.State({k: v for k, v in state.items() if k != "layers"}),
-            "layers": _stack_groups(members),
+            "layers": _stack_groups(members) if stack else members,
         }
 
     def join(self, stacked: dict) -> nnx.State:
@@ -231,8 +233,11 @@ class StackedGraph:
         return nnx.merge(self.shell, *(t["model"] for t in trees))
 
     def layer_groups(self, *trees: dict) -> list[LayerGroup]:
+        def stacked(states):  # a group's stack, or its layers' states (``stack=False``)
+            return stack_states(states) if isinstance(states, list) else states
+
         return [
-            g.group(nnx.merge_state(*states))
+            g.group(nnx.merge_state(*map(stacked, states)))
             for g, *states in zip(self.groups, *(t["layers"] for t in trees), strict=True)
         ]
 
