@@ -341,8 +341,9 @@ class ServingModel:
         stacking of layers to the jitted program, which copies the weights only there."""
         if isinstance(model, ServingModel):
             return model
-        graph = stacked_graph(model)
-        return cls(graph, graph.split(nnx.state(model), stack=stack))
+        graphdef, state = nnx.split(model)  # one walk over the module graph
+        graph = stacked_graph(model, graphdef)
+        return cls(graph, graph.split(state, stack=stack))
 
     @property
     def cfg(self) -> ModelConfig:

@@ -189,17 +189,24 @@ class StackedGraph:
     a model's weights may come as several such trees (trainable and frozen, say), each holding
     its own part of every state.
 
-    A static argument of jitted functions, equal to any graph of the same structure; its
-    hash is computed once (hashing a deep model's graph on every call costs milliseconds)."""
+    A static argument of jitted functions, equal to any graph of the same structure: the
+    shell and the groups' layouts decide it (the whole model's graph follows from them, and
+    comparing or hashing a deep model's graph on every call costs milliseconds); the hash is
+    computed once."""
 
     model: nnx.GraphDef
     shell: nnx.GraphDef
     groups: tuple[GroupLayout, ...]
 
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, StackedGraph):
+            return NotImplemented
+        return self is other or (self.shell, self.groups) == (other.shell, other.groups)
+
     def __hash__(self) -> int:
         cached = self.__dict__.get("_hash")
         if cached is None:
-            cached = hash((self.model, self.shell, self.groups))
+            cached = hash((self.shell, self.groups))
             object.__setattr__(self, "_hash", cached)
         return cached
 
@@ -242,13 +249,14 @@ class StackedGraph:
         ]
 
 
-def stacked_graph(model) -> StackedGraph:
-    """The ``StackedGraph`` of ``model`` (a ``QwenModel``); ``graph.split(nnx.state(model))``
-    gives its weights in the stacked form."""
+def stacked_graph(model, graphdef: nnx.GraphDef | None = None) -> StackedGraph:
+    """The ``StackedGraph`` of ``model`` (a ``QwenModel``; ``graphdef``: its graph if already
+    at hand); ``graph.split(nnx.state(model))`` gives its weights in the stacked form."""
     layers = model.layers
     model.layers = nnx.List([])  # the shell's graph: the model as it is, less its layers
     try:
         shell = nnx.graphdef(model)
     finally:
         model.layers = layers
-    return StackedGraph(nnx.graphdef(model), shell, group_layouts(layers))
+    full = graphdef if graphdef is not None else nnx.graphdef(model)
+    return StackedGraph(full, shell, group_layouts(layers))
