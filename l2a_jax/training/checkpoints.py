@@ -60,8 +60,8 @@ class Checkpoints:
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} cannot be restored into this run "
                 f"({type(e).__name__}: {str(e)[:300]}); it is damaged or was written by a "
-                "different model or config. Move it aside to resume from the one before, or "
-                "use a new workdir"
+                "different model, config or l2a-jax version. Move it aside to resume from the "
+                "one before, or use a new workdir"
             ) from e
         return restored.state
 
