@@ -4,8 +4,10 @@ structure (base layers, or L2A layers of one routing mode) are stacked and run b
 
 A model's own weights stay per layer (their names and shardings are those of HF conversion),
 and ``layer_groups`` stacks them when it is called (one copy of the weights, at memory speed).
-Training keeps them stacked instead (``group_layouts``, ``stack_states``): the train step then
-neither stacks weights nor slices gradients apart, so its program does not grow with depth.
+Training and serving keep them stacked instead (``StackedGraph``: the model's structure, with
+its weights as ``{"model": ..., "layers": [one stacked state per group]}``): the train step
+then neither stacks weights nor slices gradients apart, so its program does not grow with
+depth, and a generation call does not walk the module graph.
 What differs between layers of a group beyond their weights (an L2A layer's index, which seeds
 its random routes, and its random-routing density) travels as scanned arrays, and so does each
 layer's slice of a per-group cache (generation's KV caches).
