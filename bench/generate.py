@@ -21,7 +21,6 @@ model's named scopes (``gpu_profile.py``), in processes without XLA's command bu
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import statistics
 import sys
@@ -74,10 +73,10 @@ def _timed(fn, repeats):
 
 
 def run_variant(args) -> dict:
-    if args.profile:  # as in train_step.py: command-buffer kernels carry no name stack
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
-        ).strip()
+    if args.profile:
+        from gpu_profile import without_command_buffers
+
+        without_command_buffers()
     import jax
     import numpy as np
     from flax import nnx

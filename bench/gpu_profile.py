@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import gzip
 import json
+import os
 import pathlib
 import tempfile
 import time
@@ -156,6 +157,14 @@ def summarize(trace: dict, wall_s: float) -> dict:
             for k, v in per_scope.items()
         },
     }
+
+
+def without_command_buffers() -> None:
+    """Turns XLA's command buffers (CUDA graphs) off for this process; call before JAX starts
+    its GPU backend. Kernels launched from a command buffer carry no name stack in the trace,
+    so without them every kernel can be attributed to its named scope."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_enable_command_buffer=".strip()
 
 
 def profile_call(fn, *args, keep: pathlib.Path | None = None) -> dict:

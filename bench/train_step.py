@@ -23,7 +23,6 @@ attribute, so take step times from a run without ``--profile``.
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import statistics
 import sys
@@ -72,11 +71,9 @@ def parse_args(argv=None):
 def run_variant(args) -> dict:
     """Builds the model, runs ``1 + args.steps`` steps and measures them (in this process)."""
     if args.profile:
-        # kernels launched from XLA's command buffers (CUDA graphs) carry no name stack in
-        # the trace; without them every kernel can be attributed to its named scope
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
-        ).strip()
+        from gpu_profile import without_command_buffers
+
+        without_command_buffers()
     import jax
     import numpy as np
     from flax import nnx
