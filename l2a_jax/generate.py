@@ -345,7 +345,7 @@ class ServingModel:
         graph = stacked_graph(model, graphdef)
         return cls(graph, graph.split(state, stack=stack))
 
-    @property
+    @functools.cached_property
     def cfg(self) -> ModelConfig:
         return self.graph.shell_model(self.weights).cfg
 

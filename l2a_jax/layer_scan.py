@@ -140,8 +140,7 @@ def layer_groups(layers) -> list[LayerGroup]:
     """``layers`` split into runs of one structure, weights stacked."""
     groups = []
     for layout in group_layouts(layers):
-        members = [nnx.state(layers[i]) for i in layout.layers]
-        groups.append(layout.group(jax.tree.map(lambda *ws: jnp.stack(ws), *members)))
+        groups.append(layout.group(stack_states([nnx.state(layers[i]) for i in layout.layers])))
     return groups
 
 

@@ -149,8 +149,8 @@ def init_state(model: QwenModel, cfg: TrainConfig, *, seed: int = 0):
     ``TrainState`` and the frozen weights, which every step takes as an argument; weights in
     the stacked form (``StackedGraph``). The state holds copies of the trainable parameters (a
     step donates its state), so ``model`` stays usable."""
-    graph = stacked_graph(model)
-    _, params, frozen = nnx.split(model, TRAINABLE_SETS[cfg.trainable], ...)
+    graphdef, params, frozen = nnx.split(model, TRAINABLE_SETS[cfg.trainable], ...)
+    graph = stacked_graph(model, graphdef)
     params, frozen = graph.split(params), graph.split(frozen)
     master = None if cfg.master_dtype is None else resolve_dtype(cfg.master_dtype)
     # a fresh buffer in every case: ``astype`` to the dtype an array already has returns the
@@ -283,24 +283,22 @@ def jit_train_step(
         donate_argnums=0,
     )
 
+    def place(state, frozen, batch: Batch):
+        # placed as the step's outputs are, so the first call compiles the program every later
+        # call reuses (nothing moves for arrays already there)
+        return (
+            _place(state, state_sharding),
+            _place(frozen, frozen_sharding),
+            _place(batch, tokens),
+        )
+
     def sharded_step(state, frozen, batch: Batch):
         if batch.shape[0] % batch_parts:
             raise ValueError(
                 f"batch size {batch.shape[0]} does not split over the mesh's {batch_parts} "
                 f"data-parallel devices ({dict(mesh.shape)}); use a multiple of {batch_parts}"
             )
-        # placed as the step's outputs are, so the first call compiles the program every later
-        # call reuses (nothing moves for arrays already there)
-        state = _place(state, state_sharding)
-        frozen = _place(frozen, frozen_sharding)
-        return jitted(state, frozen, _place(batch, tokens))
-
-    def place(state, frozen, batch: Batch):
-        return (
-            _place(state, state_sharding),
-            _place(frozen, frozen_sharding),
-            _place(batch, tokens),
-        )
+        return jitted(*place(state, frozen, batch))
 
     def lower(state, frozen, batch: Batch):
         return jitted.lower(*place(state, frozen, batch))
