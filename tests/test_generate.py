@@ -103,13 +103,15 @@ def test_l2a_decoding_equals_recomputation(mode, kw, tmp_path, rng):
     got = np.asarray(generate(model, prompts, max_new_tokens=8))
     for prompt, row in zip(prompts, got, strict=True):
         assert row.tolist() == recompute_greedy(model, prompt, 8)
-    # logits step by step, against the forward pass over prompt + continuation
+    # logits step by step, against the forward pass over prompt + continuation (causal: its
+    # logits at position p are those of the sequence cut after p)
     seqs = [p + r.tolist() for p, r in zip(prompts, got, strict=True)]
     lengths = np.asarray([len(p) for p in prompts])
+    forward = [np.asarray(model(np.asarray([seq]))[0]) for seq in seqs]
     logits, cache = prefill(model, prompts, capacity=max(map(len, seqs)))
     for step in range(8):
-        for row, seq in enumerate(seqs):
-            want = np.asarray(model(np.asarray([seq[: lengths[row] + step]]))[0, -1])
+        for row in range(len(seqs)):
+            want = forward[row][lengths[row] + step - 1]
             np.testing.assert_allclose(logits[row], want, rtol=1e-4, atol=1e-4)
         tokens = [seq[lengths[row] + step] for row, seq in enumerate(seqs)]
         logits, cache = decode_step(model, cache, tokens)
