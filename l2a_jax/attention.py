@@ -1,6 +1,7 @@
 """The one attention interface the model uses; implementations plug in behind ``impl``.
 
-- ``xla``: the pure-jnp references of ``pallas_kernels`` (materialise the score matrix);
+- ``xla``: the pure-jnp references of ``pallas_kernels`` (materialise the score matrix), except
+  that a window much shorter than the sequence is computed band by band (``banded_window``);
 - ``pallas``: the Pallas kernels (native on a GPU, interpret mode elsewhere);
 - ``cudnn``: cuDNN's fused attention (``jax.nn.dot_product_attention``) for dense and windowed
   calls, on a GPU;
@@ -156,6 +157,8 @@ class AttentionBackend:
                 pallas_kernels.sliding_window_attention, window=window or q.shape[1]
             )
             return self._on_mesh(fn, q, k, v, segment_ids=segment_ids)
+        if window is not None and 4 * window <= q.shape[1]:
+            return banded_window(q, k, v, window, segment_ids=segment_ids)
         from pallas_kernels import reference
 
         return reference.causal_attention_reference(q, k, v, window=window, segment_ids=segment_ids)
@@ -251,6 +254,48 @@ class SequenceAttention:
 
     def routed(self, q, k, v, route) -> jax.Array:
         return self.backend.routed(q, k, v, route, segment_ids=self.segment_ids)
+
+
+def banded_window(q, k, v, window: int, *, segment_ids=None) -> jax.Array:
+    """Sliding-window attention in jnp without the (T, T) score matrix: the sequence is cut
+    into blocks of ``window`` queries, each reading its own block and the one before (which
+    hold every key it may see), so scores cost T x 2 window instead of T x T. Same contract
+    and float32 softmax as ``reference.sliding_window_attention_reference``."""
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    group, c = hq // hkv, window
+    pad = -t % c
+    if segment_ids is None:
+        segment_ids = jnp.zeros((b, t), jnp.int32)
+    if pad:  # padded queries sit in a segment of their own and are cut off at the end
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+        segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
+    n = (t + pad) // c
+
+    def with_previous(x):  # (b, n, c, ...) -> (b, n, 2c, ...): block i-1 then block i
+        before = jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
+        return jnp.concatenate([before, x], axis=2)
+
+    qb = q.reshape(b, n, c, hkv, group, d)
+    kb = with_previous(k.reshape(b, n, c, hkv, d))
+    vb = with_previous(v.reshape(b, n, c, hkv, d).astype(jnp.float32))
+    seg = segment_ids.reshape(b, n, c)
+    logits = jnp.einsum(
+        "bnikgd,bnjkd->bnkgij",
+        qb,
+        kb,
+        preferred_element_type=jnp.float32,
+        precision=jax.lax.Precision.HIGHEST,
+    ) * (d**-0.5)
+    i = jnp.arange(c)[:, None] + c  # a query's place among its block's 2c keys
+    j = jnp.arange(2 * c)[None, :]
+    first = (jnp.arange(n) == 0)[:, None, None]  # block 0 has no block before it
+    visible = (j <= i) & (j > i - window) & ~(first & (j < c))  # (n, c, 2c)
+    visible = visible[None] & (seg[:, :, :, None] == with_previous(seg)[:, :, None, :])
+    logits = jnp.where(visible[:, :, None, None], logits, -jnp.inf)
+    p = jax.nn.softmax(logits, axis=-1)  # every query sees itself: no empty row
+    out = jnp.einsum("bnkgij,bnjkd->bnikgd", p, vb, precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(b, n * c, hq, d)[:, :t].astype(q.dtype)
 
 
 def _cudnn_causal(q, k, v, *, local_window_size, segment_ids=None):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from l2a_jax import ConfigError
-from l2a_jax.attention import AttentionBackend, _cudnn_takes
+from l2a_jax.attention import AttentionBackend, _cudnn_takes, banded_window
 from pallas_kernels import reference
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -65,3 +65,38 @@ def test_cudnn_matches_the_reference_natively(impl, rng):
         want = reference.causal_attention_reference(q32, k32, v32, segment_ids=segments)
         got = backend.causal(q, k, v, segment_ids=segments)
         np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "t, hq, hkv, window, segments",
+    [(64, 4, 2, 16, False), (70, 4, 1, 16, True), (100, 2, 2, 7, True), (512, 4, 2, 16, True)],
+)
+def test_banded_window_equals_the_reference_and_its_gradients(t, hq, hkv, window, segments, rng):
+    """The jnp path's band-by-band window (sequences not a multiple of the window, GQA,
+    packed documents) against the reference's full masked score matrix; both keep float32
+    softmax statistics, so they agree to float32 rounding."""
+    q, k, v = (jnp.asarray(rng.normal(size=(2, t, h, 8)), jnp.float32) for h in (hq, hkv, hkv))
+    seg = jnp.asarray(np.sort(rng.integers(0, 4, (2, t)), axis=1)) if segments else None
+    cotangent = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+    def banded(q, k, v):
+        return banded_window(q, k, v, window, segment_ids=seg)
+
+    def full(q, k, v):
+        return reference.causal_attention_reference(q, k, v, window=window, segment_ids=seg)
+
+    (got, got_vjp), (want, want_vjp) = (jax.vjp(f, q, k, v) for f in (banded, full))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_vjp(cotangent), want_vjp(cotangent), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_the_jnp_path_takes_the_band_only_for_short_windows(rng):
+    backend = AttentionBackend("xla", 8)
+    q = jnp.asarray(rng.normal(size=(1, 64, 2, 8)), jnp.float32)
+    lowered = [
+        jax.jit(lambda q, w=w: backend.causal(q, q, q, window=w)).lower(q).as_text()
+        for w in (16, 17)
+    ]
+    assert "4x16x32" in lowered[0] and "64x64" not in lowered[0]  # blocks of 16 read 32 keys
+    assert "64x64" in lowered[1]  # a window over a quarter of the sequence: the full matrix
