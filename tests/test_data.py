@@ -171,6 +171,38 @@ def test_task_rows_can_train_on_their_answers_alone(docs):
         NeedleMix(rate=0.5, loss="some")
 
 
+def test_recall_drill_rows_hide_a_value_far_back_and_train_only_its_repeat(docs):
+    mix = NeedleMix(rate=0.2, drill_rate=0.5, drill_length=48, drill_gap=16)
+    _, got = batches(docs, 6, needles=mix)
+    drills = 0
+    for batch in got:
+        keys = ("input_ids", "positions", "segment_ids", "loss_mask")
+        for ids, pos, seg, mask in zip(*(batch[k] for k in keys), strict=True):
+            text = bytes(int(t) for t in ids if t < 256)
+            if b"?" not in text or b"special magic" in text:
+                continue
+            drills += 1
+            assert seg.max() >= 8  # many documents packed per row
+            for s in range(1, seg.max() + 1):
+                doc, doc_mask = ids[seg == s], mask[seg == s]
+                assert (pos[seg == s] == np.arange(len(doc))).all()
+                assert 40 <= len(doc) <= 48 and doc[-1] == 256  # about 48 tokens, eos last
+                body = bytes(int(t) for t in doc[:-1])
+                m = re.fullmatch(rb"[a-z ]* (\d{7}) ([a-z ]+)\? (\d{7})\.", body)
+                assert m and m.group(1) == m.group(3), body
+                # the value ends at least drill_gap tokens before the question mark
+                assert len(b" " + m.group(2)) >= 16
+                scored = bytes(int(t) for t, k in zip(doc, doc_mask, strict=True) if k and t < 256)
+                assert scored == b" " + m.group(1) + b"." and doc_mask.sum() == 10
+            assert not mask[seg == 0].any()
+    assert drills, "no drill row in 18 rows"
+    for bad in (dict(drill_rate=0.6, rate=0.5), dict(drill_rate=-0.1), dict(drill_length=20)):
+        with pytest.raises(ConfigError, match="drill"):
+            NeedleMix(**bad)
+    with pytest.raises(ConfigError, match="drill of 600 tokens does not fit 512"):
+        batches(docs, 1, needles=NeedleMix(drill_rate=0.5, drill_length=600))
+
+
 def test_batches_are_deterministic_and_resume_from_their_state(docs):
     it, first = batches(docs, 4)
     _, again = batches(docs, 4)

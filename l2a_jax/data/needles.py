@@ -124,7 +124,7 @@ def _join(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + ", and " + names[-1]
 
 
-def _draw(rng, kind: str, words: list[str]) -> str:
+def draw_value(rng, kind: str, words: list[str]) -> str:
     if kind == "numbers":
         return str(rng.integers(1_000_000, 10_000_000))
     if kind == "words":
@@ -134,7 +134,7 @@ def _draw(rng, kind: str, words: list[str]) -> str:
 
 def _key(rng, kind: str, words: list[str]) -> str:
     if kind == "uuids":
-        return _draw(rng, "uuids", words)
+        return draw_value(rng, "uuids", words)
     return f"{words[rng.integers(len(words))]}-{words[rng.integers(len(words))]}"
 
 
@@ -185,7 +185,7 @@ def make_niah(
         raise ConfigError(f"needle depth must be in [0, 1]; got {depth}")
 
     def value() -> str:
-        return _draw(rng, value_kind, words)
+        return draw_value(rng, value_kind, words)
 
     keys = _distinct(lambda: _key(rng, key_kind, words), num_keys)
     values = {k: _distinct(value, num_values if i == 0 else 1) for i, k in enumerate(keys)}

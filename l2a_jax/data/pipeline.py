@@ -6,8 +6,15 @@ with generated needle tasks, batched.
   row carries segment ids (one per document piece) and positions that restart at 0 per piece.
 - Needle rows (a ``needle_rate`` fraction of rows): one generated task per row, as long as fits
   (``needles.py``), padded with segment id 0.
-- ``loss_mask`` is 1 on targets inside a segment: padding and the first token of every
-  segment (which the previous document cannot predict) are not scored.
+- Recall drills (a ``drill_rate`` fraction of rows): short documents packed into a row, each
+  random letters with one value (a needle's value kind) whose last token lies at least
+  ``drill_gap`` tokens before the ``?`` that ends it, then the value again::
+
+      qhd wkz 4546580 oe yvtbq ... rj? 4546580.
+
+  Only the repeated value (and the end-of-document id) is trained. A 512-token row holds about
+  ten such retrievals where a needle row holds one, which is what lets a model trained from
+  scratch learn to copy from far back within a CPU-sized run (``configs/tiny.py``).
 
 Everything is a deterministic function of ``seed`` and the process index, and the iterator's
 position is a small JSON-able state (``get_state``/``set_state``) that checkpoints save, so a
@@ -27,6 +34,7 @@ from l2a_jax.config import ConfigError
 from l2a_jax.data.needles import (
     HAYSTACKS,
     VALUE_KINDS,
+    draw_value,
     key_words,
     make_niah,
     sentences,
@@ -47,10 +55,23 @@ class NeedleMix:
     haystacks: tuple[str, ...] = ("noise", "essay")
     value_kinds: tuple[str, ...] = ("numbers",)
     loss: str = "all"
+    drill_rate: float = 0.0
+    drill_length: int = 48
+    drill_gap: int = 16
 
     def __post_init__(self):
         if not 0 <= self.rate < 1:
             raise ConfigError(f"needle rate must be in [0, 1), got {self.rate}")
+        if not 0 <= self.drill_rate < 1 or self.rate + self.drill_rate >= 1:
+            raise ConfigError(
+                f"drill rate must be in [0, 1) and leave corpus rows beside the needle rate; "
+                f"got drill rate {self.drill_rate} with needle rate {self.rate}"
+            )
+        if self.drill_gap < 0 or self.drill_length < self.drill_gap + 24:
+            raise ConfigError(
+                f"a drill needs drill_length >= drill_gap + 24 tokens and drill_gap >= 0; got "
+                f"drill_length {self.drill_length}, drill_gap {self.drill_gap}"
+            )
         bad = [h for h in self.haystacks if h not in HAYSTACKS]
         bad += [v for v in self.value_kinds if v not in VALUE_KINDS]
         if bad or not self.haystacks or not self.value_kinds:
@@ -116,6 +137,51 @@ def _needle_rows(
     return grain.MapDataset.range(2**31 - 1).map(make).to_iter_dataset()
 
 
+LETTERS = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+
+
+def _letters(rng, count: int) -> str:
+    """``count`` characters of random lower-case "words" of 1-6 letters (``count`` - 1 when
+    the cut falls on a space)."""
+    out = ""
+    while len(out) < count:
+        out += "".join(rng.choice(LETTERS, rng.integers(1, 7))) + " "
+    return out[:count].strip()
+
+
+def make_drill(rng, tokenizer: Tokenizer, mix: NeedleMix, words) -> tuple[list[int], int]:
+    """One recall drill (module docstring) of about ``mix.drill_length`` tokens: its ids
+    (ending with the end-of-document id) and how many of them, at the end, are trained."""
+    value = draw_value(rng, mix.value_kinds[rng.integers(len(mix.value_kinds))], words)
+    answer = tokenizer.encode(f" {value}.")
+    room = mix.drill_length - 2 * len(answer) - 3  # letters before and after the value
+    after = int(rng.integers(mix.drill_gap, max(mix.drill_gap, room) + 1))
+    text = f"{_letters(rng, room - after)} {value} {_letters(rng, after)}?"
+    return [*tokenizer.encode(text), *answer, tokenizer.eos_id], len(answer) + 1
+
+
+def _drill_rows(tokenizer: Tokenizer, seq_len: int, seed: int, mix: NeedleMix, words):
+    def make(index: int):
+        rng = np.random.default_rng([seed, 1, index])
+        ids, segments, positions, trained = [], [], [], []
+        while True:
+            drill, answer = make_drill(rng, tokenizer, mix, words)
+            if len(ids) + len(drill) > seq_len:
+                break
+            segments += [(segments[-1] if segments else 0) + 1] * len(drill)
+            positions += range(len(drill))
+            trained += [0] * (len(drill) - answer) + [1] * answer
+            ids += drill
+        pad = seq_len - len(ids)
+        row = _row(ids + [tokenizer.eos_id] * pad, segments + [0] * pad, positions + [0] * pad)
+        row["loss_mask"] *= np.asarray(trained + [0] * pad, np.float32)
+        return row
+
+    if make(0)["segment_ids"].max() < 1:
+        raise ConfigError(f"a recall drill of {mix.drill_length} tokens does not fit {seq_len}")
+    return grain.MapDataset.range(2**31 - 1).map(make).to_iter_dataset()
+
+
 def training_batches(
     docs: list[str],
     tokenizer: Tokenizer,
@@ -140,8 +206,15 @@ def training_batches(
         )
     seed = int(np.random.default_rng([seed, process_index]).integers(2**31))
     rows = _corpus_rows(shard, tokenizer, seq_len, seed)
+    words = words or (key_words(shard) if needles.rate or needles.drill_rate else None)
+    sources, weights = [rows], [1 - needles.rate - needles.drill_rate]
     if needles.rate > 0:
         essay = sentences(shard) if "essay" in needles.haystacks else None
-        tasks = _needle_rows(tokenizer, seq_len, seed, needles, words or key_words(shard), essay)
-        rows = grain.IterDataset.mix([rows, tasks], [1 - needles.rate, needles.rate])
+        sources.append(_needle_rows(tokenizer, seq_len, seed, needles, words, essay))
+        weights.append(needles.rate)
+    if needles.drill_rate > 0:
+        sources.append(_drill_rows(tokenizer, seq_len, seed, needles, words))
+        weights.append(needles.drill_rate)
+    if len(sources) > 1:
+        rows = grain.IterDataset.mix(sources, weights)
     return rows.batch(batch_size, drop_remainder=True)

@@ -62,6 +62,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.needle_haystacks = ("noise", "essay")
     c.data.needle_value_kinds = ("numbers",)
     c.data.needle_loss = "all"  # "all" tokens of a task row, or its "answer" alone
+    c.data.drill_rate = 0.0  # rows of packed recall drills (data/pipeline.py)
+    c.data.drill_length = 48  # tokens per drill
+    c.data.drill_gap = 16  # the value sits at least this many tokens before the drill's end
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000
@@ -227,6 +230,9 @@ def validate(config: ml_collections.ConfigDict, vocab_size: int) -> RunSettings:
             haystacks=tuple(d.needle_haystacks),
             value_kinds=tuple(d.needle_value_kinds),
             loss=d.needle_loss,
+            drill_rate=d.drill_rate,
+            drill_length=d.drill_length,
+            drill_gap=d.drill_gap,
         )
     return RunSettings(
         model=model,
