@@ -1,11 +1,12 @@
 """The one attention interface the model uses; implementations plug in behind ``impl``.
 
-- ``xla``: the pure-jnp references of ``pallas_kernels`` (materialise the score matrix), except
-  that a window much shorter than the sequence is computed band by band (``banded_window``);
+- ``xla``: the pure-jnp references of ``pallas_kernels`` (materialise the score matrix);
 - ``pallas``: the Pallas kernels (native on a GPU, interpret mode elsewhere);
 - ``cudnn``: cuDNN's fused attention (``jax.nn.dot_product_attention``) for dense and windowed
   calls, on a GPU;
-- ``auto``: per call, the fastest that applies on this machine (``AttentionBackend``).
+- ``auto``: per call, the fastest that applies on this machine (``AttentionBackend``); off the
+  GPU that is the jnp path, with a window of at most a quarter of the sequence computed band by
+  band (``banded_window``) instead of through the full score matrix.
 
 A Pallas call is opaque to XLA's partitioner, so on a mesh each kernel runs inside
 ``jax.shard_map``: batch split over the data axes and heads over ``tensor``, specs derived from
@@ -157,11 +158,16 @@ class AttentionBackend:
                 pallas_kernels.sliding_window_attention, window=window or q.shape[1]
             )
             return self._on_mesh(fn, q, k, v, segment_ids=segment_ids)
-        if window is not None and 4 * window <= q.shape[1]:
+        if self.banded(window, q.shape[1]):
             return banded_window(q, k, v, window, segment_ids=segment_ids)
         from pallas_kernels import reference
 
         return reference.causal_attention_reference(q, k, v, window=window, segment_ids=segment_ids)
+
+    def banded(self, window: int | None, seq_len: int) -> bool:
+        """Whether the jnp path runs this window band by band (``auto`` only: ``xla`` stays the
+        reference itself)."""
+        return self.impl == "auto" and window is not None and 4 * window <= seq_len
 
     def routed(self, q, k, v, route, *, segment_ids=None) -> jax.Array:
         """Causal attention for queries with ``route`` (b, t) true, exactly zero for others."""

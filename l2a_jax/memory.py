@@ -145,6 +145,8 @@ def plan_memory(
     def score_elems(global_branch: bool) -> int:
         """(queries x keys) per head of one attention call on this device."""
         t_local = seq_len // seq_shards
+        if seq_shards == 1 and not global_branch and model.attention.banded(window, seq_len):
+            return -(-seq_len // window) * window * 2 * window  # blocks reading 2 windows
         if seq_shards == 1:
             return seq_len * seq_len
         if global_branch:  # the shard's rows sit in a whole-sequence query array
