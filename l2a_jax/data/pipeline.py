@@ -13,8 +13,10 @@ with generated needle tasks, batched.
       qhd wkz 4546580 oe yvtbq ... rj? 4546580.
 
   Only the repeated value (and the end-of-document id) is trained. A 512-token row holds about
-  ten such retrievals where a needle row holds one, which is what lets a model trained from
-  scratch learn to copy from far back within a CPU-sized run (``configs/tiny.py``).
+  ten such retrievals where a needle row holds one, which lets a small model trained from
+  scratch learn to copy from far back within a few thousand steps.
+- ``loss_mask`` is 1 on targets inside a segment: padding and the first token of every
+  segment (which the previous document cannot predict) are not scored.
 
 Everything is a deterministic function of ``seed`` and the process index, and the iterator's
 position is a small JSON-able state (``get_state``/``set_state``) that checkpoints save, so a
