@@ -222,6 +222,24 @@ def test_batches_are_deterministic_and_resume_from_their_state(docs):
             np.testing.assert_array_equal(got[key], w[key])
 
 
+@pytest.mark.parametrize(
+    "needles",
+    [NeedleMix(rate=0.0), NeedleMix(rate=0.3, drill_rate=0.6)],
+    ids=["corpus", "mostly-generated"],
+)
+def test_resuming_through_json_at_every_batch_reads_the_same_batches(docs, needles):
+    """Including a state saved before the corpus packer gave its first row (at 10% corpus, the
+    first batches often hold none)."""
+    settings = dict(seq_len=400, batch_size=2, needles=needles)
+    _, want = batches(docs, 8, **settings)
+    for k in range(6):
+        it, _ = batches(docs, k, **settings)
+        resumed, _ = batches(docs, 0, **settings)
+        resumed.set_state(json.loads(json.dumps(it.get_state())))
+        for w in want[k : k + 2]:
+            np.testing.assert_array_equal(next(resumed)["input_ids"], w["input_ids"])
+
+
 def test_bad_pipeline_settings(docs):
     with pytest.raises(ConfigError, match="needs at least .* tokens .* 255 is too short"):
         batches(docs, 0, seq_len=256)

@@ -96,6 +96,28 @@ def _row(tokens, segment_ids, positions) -> dict[str, np.ndarray]:
     }
 
 
+class _JsonRestorable(grain.IterDataset):
+    """A concat-then-split packer whose saved state survives JSON. Its state marks "no
+    remainder" with the tuple (-1, -1), and a checkpoint reads that back as a list, which the
+    packer takes for a real remainder: a run restored before the packer's first row skipped a
+    document. This puts the tuples back before the packer sees the state."""
+
+    def __iter__(self):
+        return _JsonRestorableIterator(self._parent.__iter__())
+
+
+class _JsonRestorableIterator(grain.DatasetIterator):
+    def __next__(self):
+        return next(self._parent)
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        slices = {k: tuple(v) for k, v in state["remainder_slices"].items()}
+        self._parent.set_state({**state, "remainder_slices": slices})
+
+
 def _corpus_rows(docs, tokenizer: Tokenizer, seq_len: int, seed: int) -> grain.IterDataset:
     def tokenize(doc: str):
         return {"tokens": np.asarray([*tokenizer.encode(doc), tokenizer.eos_id], np.int32)}
@@ -104,8 +126,10 @@ def _corpus_rows(docs, tokenizer: Tokenizer, seq_len: int, seed: int) -> grain.I
         return _row(packed["tokens"], packed["tokens_segment_ids"], packed["tokens_positions"])
 
     docs = grain.MapDataset.source(docs).shuffle(seed=seed).repeat(None).map(tokenize)
-    packed = grain_exp.ConcatThenSplitIterDataset(
-        docs.to_iter_dataset(), length_struct={"tokens": seq_len}
+    packed = _JsonRestorable(
+        grain_exp.ConcatThenSplitIterDataset(
+            docs.to_iter_dataset(), length_struct={"tokens": seq_len}
+        )
     )
     return packed.map(as_row)
 
