@@ -33,13 +33,17 @@ class Routing:
     """What one forward pass does with the routers: ``train`` turns on the straight-through
     estimator; ``dense`` (a bool, or a traced scalar bool) runs the global branch over every
     token; ``route_all`` (likewise) routes every token of learned layers whatever the router
-    says, its gradient still flowing; ``rng`` draws the tokens of ``random`` layers;
+    says, its gradient still flowing; ``route_prob`` (a float, or a traced scalar) routes each
+    token of a learned layer with that probability on top of the router's choice (a hand-off
+    from ``route_all`` to the routers; needs ``rng``); ``rng`` draws those tokens and the
+    tokens of ``random`` layers;
     ``counted`` (b, t) bool, when given, limits the reported routed fraction to those tokens
     (the real tokens of right-padded prompts)."""
 
     train: bool = False
     dense: jax.Array | bool = False
     route_all: jax.Array | bool = False
+    route_prob: jax.Array | float = 0.0
     rng: jax.Array | None = None
     counted: jax.Array | None = None
 
@@ -108,6 +112,12 @@ def route_tokens(
     sigma = jax.nn.sigmoid(z / tau)
     if mode == "l2a":
         route = (sigma >= threshold) | routing.route_all
+        if not (isinstance(routing.route_prob, float) and routing.route_prob == 0.0):
+            if routing.rng is None:
+                raise ValueError("Routing(route_prob=...) needs an rng key in Routing(rng=...)")
+            # a key of its own, apart from the ones ``random`` layers draw from
+            key = jax.random.fold_in(jax.random.fold_in(routing.rng, 1 << 20), layer_index)
+            route = route | (jax.random.uniform(key, z.shape) < routing.route_prob)
     elif mode == "random":
         if routing.rng is None:
             raise ValueError("routing mode 'random' needs an rng key in Routing(rng=...)")

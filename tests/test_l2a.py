@@ -370,6 +370,44 @@ def test_route_all_steps_route_every_token_first(qwen3, rng):
     assert step._cache_size() == 1
 
 
+def test_route_all_hands_off_to_the_routers_gradually(qwen3, rng):
+    model = random_router(convert_to_l2a(qwen3, L2AConfig(window=8)), rng)  # about half routed
+    cfg = TrainConfig(
+        learning_rate=1e-9, warmup_steps=1, total_steps=20, sparsity_warmup_steps=1,
+        dense_step_prob=0.0, route_all_steps=2, route_all_decay_steps=4,
+    )  # fmt: skip
+    graphdef, state, frozen = init_state(model, cfg)
+    step = jit_train_step(graphdef, cfg, state, frozen)
+    batch = Batch.of(tokens(rng, 8, 64))
+    fractions = []
+    for _ in range(8):
+        state, metrics = step(state, frozen, batch)
+        fractions.append(float(metrics["routed_fraction"]))
+    own = fractions[-1]  # the routers alone (the weights barely move at this learning rate)
+    assert fractions[:3] == [1.0, 1.0, 1.0] and 0.2 < own < 0.8
+    assert fractions[6] == own
+    # at probability p a token the router skips is routed anyway: own + (1 - own) p
+    for i, p in ((3, 0.75), (4, 0.5), (5, 0.25)):
+        assert abs(fractions[i] - (own + (1 - own) * p)) < 0.06, (i, fractions)
+    assert step._cache_size() == 1
+
+
+def test_forced_routing_draws_its_tokens_from_the_rng():
+    from l2a_jax.routing import route_tokens
+
+    z = jnp.full((4, 256), -5.0)  # routers that route nothing
+    kw = dict(mode="l2a", density=0.0, tau=1.0, threshold=0.5, layer_index=1)
+    rng = jax.random.key(3)
+    _, route, _ = route_tokens(z, routing=Routing(route_prob=0.3, rng=rng), **kw)
+    _, again, _ = route_tokens(z, routing=Routing(route_prob=0.3, rng=rng), **kw)
+    np.testing.assert_array_equal(route, again)
+    assert abs(float(jnp.mean(route)) - 0.3) < 0.05
+    _, none, _ = route_tokens(z, routing=Routing(route_prob=0.0, rng=rng), **kw)
+    assert not bool(jnp.any(none))
+    with pytest.raises(ValueError, match="rng"):
+        route_tokens(z, routing=Routing(route_prob=0.3), **kw)
+
+
 @pytest.mark.parametrize("name", ["qwen3_bias_yarn_factor", "qwen2_linear_gqa2"])
 def test_tiny_l2a_model_trains_and_router_sparsifies(base_models, name, rng):
     model = convert_to_l2a(base_models[name], L2AConfig(window=8))

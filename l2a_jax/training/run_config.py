@@ -78,6 +78,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.sparsity_ramp = "linear"
     c.train.dense_step_prob = 0.1
     c.train.route_all_steps = 0  # route every token for this many steps first (from scratch)
+    # then route tokens at random with a probability falling from 1 to 0 over this many steps
+    c.train.route_all_decay_steps = 0
     c.train.remat = "none"  # "none", "full" (recompute each layer) or "dots" (keep matmuls)
     c.train.grad_accum_steps = 1  # micro-batches per optimizer step
     # trainable weights and optimizer state are kept in this dtype; compute runs in model.dtype
@@ -219,6 +221,7 @@ def validate(config: ml_collections.ConfigDict, vocab_size: int) -> RunSettings:
             loss_chunk=t.loss_chunk,
             trainable=t.trainable,
             route_all_steps=t.route_all_steps,
+            route_all_decay_steps=t.route_all_decay_steps,
             remat=t.remat,
             grad_accum_steps=t.grad_accum_steps,
             master_dtype=t.master_dtype,

@@ -60,9 +60,13 @@ class TrainConfig:
     ``route_all_steps``: for the first steps every token is routed (the routers still learn
     through the straight-through gradient), so the global branches of a model trained from
     scratch become useful before the routers decide; 0 for a converted model, whose
-    zero-initialised routers route every token anyway. ``remat``: what each layer's backward
-    recomputes (``model.REMAT_POLICIES``). ``grad_accum_steps``: a batch is split into that
-    many micro-batches whose gradients are averaged before one optimizer update.
+    zero-initialised routers route every token anyway. ``route_all_decay_steps``: after those,
+    each token is still routed at random with a probability that falls linearly from 1 to 0
+    over this many steps, on top of the router's choice, so the model gives up global
+    attention for the tokens the routers drop gradually instead of all at once. ``remat``:
+    what each layer's backward recomputes (``model.REMAT_POLICIES``). ``grad_accum_steps``: a
+    batch is split into that many micro-batches whose gradients are averaged before one
+    optimizer update.
     ``master_dtype``: the dtype trainable parameters and the optimizer state are kept in
     (None: the model's); ``compute_dtype``: the dtype they are cast to for the forward and
     backward (None: as kept), e.g. float32 master weights with bfloat16 compute."""
@@ -79,6 +83,7 @@ class TrainConfig:
     loss_chunk: int = 4096
     trainable: str = "recipe"
     route_all_steps: int = 0
+    route_all_decay_steps: int = 0
     remat: str = "none"
     grad_accum_steps: int = 1
     master_dtype: str | None = None
@@ -114,8 +119,9 @@ class TrainConfig:
                     resolve_dtype(getattr(self, name))
                 except ConfigError as e:
                     raise ConfigError(f"{name}: {e}") from e
-        if self.route_all_steps < 0:
-            raise ConfigError(f"route_all_steps must be >= 0, got {self.route_all_steps}")
+        for name in ("route_all_steps", "route_all_decay_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.loss_chunk < 1:
             raise ConfigError(f"loss_chunk must be >= 1 (positions), got {self.loss_chunk}")
 
@@ -167,6 +173,15 @@ def init_state(model: QwenModel, cfg: TrainConfig, *, seed: int = 0):
     return graph, state, frozen
 
 
+def route_all_probability(step: jax.Array, cfg: TrainConfig) -> jax.Array | float:
+    """The probability that a token is routed whatever its router says at ``step``: 1 up to
+    ``route_all_steps``, then falling linearly to 0 over ``route_all_decay_steps``."""
+    if cfg.route_all_decay_steps == 0:
+        return 0.0
+    left = cfg.route_all_steps + cfg.route_all_decay_steps - step.astype(jnp.float32)
+    return jnp.clip(left / cfg.route_all_decay_steps, 0.0, 1.0)
+
+
 def train_step(
     graph: StackedGraph, cfg: TrainConfig, state: TrainState, frozen: dict, batch: Batch
 ) -> tuple[TrainState, dict]:
@@ -176,7 +191,11 @@ def train_step(
     rng, coin_key, route_key = jax.random.split(jax.random.wrap_key_data(state.rng), 3)
     dense = jax.random.bernoulli(coin_key, cfg.dense_step_prob)
     routing = Routing(
-        train=True, dense=dense, route_all=state.step < cfg.route_all_steps, rng=route_key
+        train=True,
+        dense=dense,
+        route_all=state.step < cfg.route_all_steps,
+        route_prob=route_all_probability(state.step, cfg),
+        rng=route_key,
     )
     lam = sparsity_weight(
         state.step,
