@@ -5,9 +5,11 @@ retrieval tasks and the embedded corpus (the Python help topics, which ship with
 number seen 16+ tokens earlier, so the model learns to copy from far back; 35% are RULER-style
 needle tasks trained on their answers, so it learns the template ``eval.py --task niah`` asks
 with; 10% are the corpus. The window (16 keys) is short beside the 512-token rows, so
-retrieval has to go through the global branch. Every token uses it for the first 1000 steps,
-while the sparsity penalty ramps up; in the last 1000 the routers decide, and keep the global
-branch for the tokens that need it (the answers)."""
+retrieval has to go through the global branch. Every token uses it for the first 700 steps;
+over the next 600 the routers take over gradually (a token the router skips is still routed
+at random, with a probability falling from 1 to 0), and from step 1000 a sparsity penalty
+ramps up, so the routers keep the global branch for the tokens that need it (the answers).
+Handing over all at once, at one step, broke retrieval on some seeds."""
 
 from l2a_jax.training.run_config import default_config
 
@@ -39,7 +41,8 @@ def get_config():
     c.train.learning_rate = 3e-3
     c.train.warmup_steps = 30
     c.train.sparsity_weight = 2e-4
-    c.train.route_all_steps = 1000
+    c.train.route_all_steps = 700
+    c.train.route_all_decay_steps = 600
     c.train.sparsity_warmup_steps = 1000
     # half the steps run the global branch over every token (free on a CPU, where the jnp path
     # computes it anyway), so a router that stopped routing a token that needs it still sees
