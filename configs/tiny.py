@@ -9,7 +9,11 @@ retrieval has to go through the global branch. Every token uses it for the first
 over the next 600 the routers take over gradually (a token the router skips is still routed
 at random, with a probability falling from 1 to 0), and from step 1000 a sparsity penalty
 ramps up, so the routers keep the global branch for the tokens that need it (the answers).
-Handing over all at once, at one step, broke retrieval on some seeds."""
+Handing over all at once, at one step, broke retrieval on some seeds. The router temperature
+is 1 (the recipe's 0.1 suits routers that start at zero and move slowly): trained from scratch
+at this learning rate, router logits grow to several units, and at 0.1 their sigmoid
+saturates, so a token a router has stopped routing gets no gradient to route it again, even
+where an answer needs it."""
 
 from l2a_jax.training.run_config import default_config
 
@@ -27,6 +31,7 @@ def get_config():
     c.model.head_dim = 32
     c.model.rope_theta = 10000.0
     c.l2a.window = 16
+    c.l2a.tau = 1.0
     c.data.tokenizer = "bytes"
     c.data.seq_len = 512
     c.data.batch_size = 8
