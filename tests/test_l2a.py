@@ -353,21 +353,27 @@ def train(model, batch, *, sparsity, steps=14):
     return trained_model(graphdef, state, frozen), history
 
 
+def routed_fractions(model, cfg: TrainConfig, batch: Batch, steps: int) -> list[float]:
+    """The routed fraction of each of ``steps`` train steps on ``batch``, which must all run
+    one compiled program."""
+    graphdef, state, frozen = init_state(model, cfg)
+    step = jit_train_step(graphdef, cfg, state, frozen)
+    fractions = []
+    for _ in range(steps):
+        state, metrics = step(state, frozen, batch)
+        fractions.append(float(metrics["routed_fraction"]))
+    assert step._cache_size() == 1
+    return fractions
+
+
 def test_route_all_steps_route_every_token_first(qwen3, rng):
     model = random_router(convert_to_l2a(qwen3, L2AConfig(window=8)), rng)  # about half routed
     cfg = TrainConfig(
         learning_rate=1e-4, warmup_steps=1, total_steps=10, sparsity_warmup_steps=1,
         dense_step_prob=0.0, route_all_steps=2,
     )  # fmt: skip
-    graphdef, state, frozen = init_state(model, cfg)
-    step = jit_train_step(graphdef, cfg, state, frozen)
-    batch = Batch.of(tokens(rng, 2, 32))
-    fractions = []
-    for _ in range(3):
-        state, metrics = step(state, frozen, batch)
-        fractions.append(float(metrics["routed_fraction"]))
+    fractions = routed_fractions(model, cfg, Batch.of(tokens(rng, 2, 32)), 3)
     assert fractions[:2] == [1.0, 1.0] and 0 < fractions[2] < 1
-    assert step._cache_size() == 1
 
 
 def test_route_all_hands_off_to_the_routers_gradually(qwen3, rng):
@@ -376,20 +382,13 @@ def test_route_all_hands_off_to_the_routers_gradually(qwen3, rng):
         learning_rate=1e-9, warmup_steps=1, total_steps=20, sparsity_warmup_steps=1,
         dense_step_prob=0.0, route_all_steps=2, route_all_decay_steps=4,
     )  # fmt: skip
-    graphdef, state, frozen = init_state(model, cfg)
-    step = jit_train_step(graphdef, cfg, state, frozen)
-    batch = Batch.of(tokens(rng, 8, 64))
-    fractions = []
-    for _ in range(8):
-        state, metrics = step(state, frozen, batch)
-        fractions.append(float(metrics["routed_fraction"]))
+    fractions = routed_fractions(model, cfg, Batch.of(tokens(rng, 8, 64)), 8)
     own = fractions[-1]  # the routers alone (the weights barely move at this learning rate)
     assert fractions[:3] == [1.0, 1.0, 1.0] and 0.2 < own < 0.8
     assert fractions[6] == own
     # at probability p a token the router skips is routed anyway: own + (1 - own) p
     for i, p in ((3, 0.75), (4, 0.5), (5, 0.25)):
         assert abs(fractions[i] - (own + (1 - own) * p)) < 0.06, (i, fractions)
-    assert step._cache_size() == 1
 
 
 def test_forced_routing_draws_its_tokens_from_the_rng():
