@@ -86,7 +86,12 @@ def run_variant(args) -> dict:
     from l2a_jax.generate import cache_size, decode, prefill, serving_model
 
     lengths = [int(x) for x in args.lengths.split(",")]
-    longest = max(*lengths, args.decode_context + args.decode_tokens * 2 * (args.repeats + 2))
+    # decode: one prefill, then the decode loop of ``decode_tokens`` steps, repeatedly, with
+    # skipping on and off; the cache holds all of it, rounded up to the tiles
+    n, context = args.decode_tokens, args.decode_context
+    calls = 2 * (1 + args.repeats)
+    capacity = -(-(context + n * calls + 1) // 128) * 128
+    longest = max(*lengths, capacity)
     cfg = qwen_shape(args, context=longest)
     model = QwenModel(cfg, dtype=args.dtype, attention_impl=args.impl, rngs=nnx.Rngs(0))
     if args.one == "l2a_random":
@@ -124,10 +129,6 @@ def run_variant(args) -> dict:
             row["ttft"][t]["profile"] = profile_call(
                 lambda ids=ids, t=t: prefill(served, ids, capacity=t)
             )
-    # decode: one prefill, then the decode loop of ``decode_tokens`` steps, repeatedly
-    n, context = args.decode_tokens, args.decode_context
-    calls = 2 * (1 + args.repeats)  # with skipping on and off
-    capacity = -(-(context + n * calls + 1) // 128) * 128
     logits, cache = prefill(
         served, rng.integers(0, args.vocab, (args.batch, context)), capacity=capacity
     )
