@@ -9,6 +9,7 @@ import importlib
 _EXPORTS = {
     "conditional_global_attention": "attention",
     "decode_attention": "decode",
+    "routed_rows_attention": "attention",
     "sliding_window_attention": "attention",
     "AttentionBlocks": "blocks",
     "BlockConfig": "blocks",
@@ -16,6 +17,7 @@ _EXPORTS = {
     "causal_attention_reference": "reference",
     "conditional_global_attention_reference": "reference",
     "decode_attention_reference": "reference",
+    "routed_rows_attention_reference": "reference",
     "sliding_window_attention_reference": "reference",
 }
 

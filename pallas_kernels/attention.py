@@ -33,6 +33,11 @@ def _resolve_interpret(interpret: bool | None) -> bool:
 
 def _setup(q, k, v, segment_ids, route, sm_scale, interpret, blocks, window):
     check_attention_shapes(q, k, v, segment_ids, route)
+    return _spec(q, k, v, sm_scale, interpret, blocks, window, segment_ids is not None)
+
+
+def _spec(q, k, v, sm_scale, interpret, blocks, window, has_segments, *, routed=False):
+    """The kernels' ``FlashSpec`` and the sequence length (of the keys) padded to the tiles."""
     check_head_dim(q.shape[-1])
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
@@ -44,15 +49,15 @@ def _setup(q, k, v, segment_ids, route, sm_scale, interpret, blocks, window):
             f"window must be an int >= 1 (keys per query, itself included); got {window!r}"
         )
     interpret = _resolve_interpret(interpret)
-    seq_len = q.shape[1]
+    seq_len = k.shape[1]
     blocks = blocks or default_blocks(
-        seq_len, q.shape[-1], interpret=interpret, itemsize=q.dtype.itemsize
+        seq_len, q.shape[-1], interpret=interpret, itemsize=q.dtype.itemsize, routed=routed
     )
     spec = FlashSpec(
         window=window,
         sm_scale=q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale),
         blocks=blocks,
-        has_segments=segment_ids is not None,
+        has_segments=has_segments,
         interpret=interpret,
     )
     padded = -(-seq_len // blocks.seq_multiple) * blocks.seq_multiple
@@ -197,9 +202,91 @@ def conditional_global_attention(
     q (B, T, Hq, D); k, v (B, T, Hkv, D); route (B, T) bool. Routed queries are compacted
     (stable order, original positions kept), so the work is proportional to the routed count.
     """
-    spec, padded = _setup(q, k, v, segment_ids, route, sm_scale, interpret, blocks, None)
+    check_attention_shapes(q, k, v, segment_ids, route)
+    spec, padded = _spec(
+        q, k, v, sm_scale, interpret, blocks, None, segment_ids is not None, routed=True
+    )
     seg = _segments(segment_ids, q.shape[0], padded)
     qpos, slot = compact_routed(route.astype(bool), padded)
     qseg = _take_rows(seg, qpos)
     k, v = _pad(k, padded), _pad(v, padded)
     return _global_attention(q, k, v, qpos, slot, qseg, seg, spec)
+
+
+# Routed queries handed over already compacted, as rows (the model projects only routed
+# tokens' queries): the kernels' outputs for padding rows, and the dQ of tiles holding only
+# padding, are whatever the kernels left there, so both are zeroed here.
+
+
+def _rows_forward(q, k, v, qpos, qseg, seg, spec: FlashSpec):
+    o, lse = flash_forward(q, k, v, qpos, qseg, seg, spec)
+    valid = qpos >= 0
+    o = jnp.where(valid[:, :, None, None], o, jnp.zeros((), o.dtype))
+    return o, jnp.where(valid[:, None, :], lse, jnp.inf)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _rows_attention(q, k, v, qpos, qseg, seg, spec):
+    return _rows_forward(q, k, v, qpos, qseg, seg, spec)[0]
+
+
+def _rows_attention_fwd(q, k, v, qpos, qseg, seg, spec):
+    o, lse = _rows_forward(q, k, v, qpos, qseg, seg, spec)
+    return o, (q, k, v, o, lse, qpos, qseg, seg)
+
+
+def _rows_attention_bwd(spec, residuals, do):
+    q, k, v, o, lse, qpos, qseg, seg = residuals
+    valid = (qpos >= 0)[:, :, None, None]
+    do = jnp.where(valid, do, jnp.zeros((), do.dtype))
+    qtiles = _qtiles(qpos, k.shape[1], spec)
+    delta = softmax_delta(o, do)
+    dq, dk, dv = flash_backward(q, k, v, delta, lse, do, qpos, qseg, seg, qtiles, spec)
+    return jnp.where(valid, dq, jnp.zeros((), dq.dtype)), dk, dv, None, None, None
+
+
+_rows_attention.defvjp(_rows_attention_fwd, _rows_attention_bwd)
+
+
+def routed_rows_attention(
+    q_rows: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    qpos: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    sm_scale: float | None = None,
+    interpret: bool | None = None,
+    blocks: AttentionBlocks | None = None,
+) -> jax.Array:
+    """Full causal attention for routed queries handed over as rows, as
+    ``compact_routed`` lays them out: q_rows (B, N, Hq, D) at positions ``qpos`` (B, N),
+    ascending, padding rows (-1) last; k, v (B, T, Hkv, D); segment_ids (B, T). Key j is
+    visible to row n iff j <= qpos[b, n] (and both share a segment); padding rows give
+    exactly zero. The kernels and cost are those of ``conditional_global_attention``, without
+    its gather of the queries and scatter of the outputs, so a caller that projects only the
+    routed tokens' queries never builds full-length query or output arrays."""
+    if q_rows.ndim != 4 or qpos.shape != q_rows.shape[:2]:
+        raise ValueError(
+            f"q_rows must be (batch, rows, heads, head_dim) and qpos (batch, rows); got "
+            f"{q_rows.shape} and {qpos.shape}"
+        )
+    check_attention_shapes(k, k, v, segment_ids)
+    if q_rows.shape[0] != k.shape[0] or q_rows.shape[3] != k.shape[3]:
+        raise ValueError(f"q_rows {q_rows.shape} do not match k/v {k.shape} in batch or head_dim")
+    if q_rows.shape[2] % k.shape[2]:
+        raise ValueError(
+            f"query heads ({q_rows.shape[2]}) must be a multiple of kv heads ({k.shape[2]})"
+        )
+    spec, padded = _spec(
+        q_rows, k, v, sm_scale, interpret, blocks, None, segment_ids is not None, routed=True
+    )
+    b, n = qpos.shape
+    rows = -(-n // spec.blocks.seq_multiple) * spec.blocks.seq_multiple
+    qpos = jnp.pad(qpos.astype(jnp.int32), ((0, 0), (0, rows - n)), constant_values=-1)
+    seg = _segments(segment_ids, b, padded)
+    qseg = _take_rows(seg, qpos)
+    out = _rows_attention(
+        _pad(q_rows, rows), _pad(k, padded), _pad(v, padded), qpos, qseg, seg, spec
+    )
+    return out[:, :n]

@@ -40,14 +40,15 @@ class AttentionBlocks:
 
 
 def default_blocks(
-    seq_len: int, head_dim: int, *, interpret: bool, itemsize: int = 2
+    seq_len: int, head_dim: int, *, interpret: bool, itemsize: int = 2, routed: bool = False
 ) -> AttentionBlocks:
     """Heuristics: Hopper-sized tiles on the GPU; small tiles in interpret mode so short test
     sequences still span several tiles and exercise every loop boundary. ``itemsize``: bytes
     per element of q, k, v. Every GPU choice stays within the 227 KiB of shared memory a
     Hopper block may use: the software pipeline keeps ``num_stages`` copies of the streamed
     tiles (keys and values, or queries and output gradients for dK/dV), so wide rows (float32,
-    head_dim 256) take smaller tiles and fewer stages."""
+    head_dim 256) take smaller tiles and fewer stages. ``routed``: the tiles of conditional
+    global attention rather than of the sliding window."""
     if interpret or seq_len <= 256:
         small = BlockConfig(block_q=32, block_k=32, num_warps=4, num_stages=1)
         return AttentionBlocks(small, small, small)
@@ -56,8 +57,11 @@ def default_blocks(
         # dK/dV with 3 stages, measured on an H200 (14/2 heads of 64, 20% routed, global
         # forward + backward per layer, two rounds of 9): 4.44 against 4.65 ms at T=32K,
         # 63.1 against 67.0 ms at T=128K; the other tiles won `bench/attention.py --tune` there
+        # The routed (global) forward runs 8 warps: 1.03 against 1.15 ms at T=32K and 15.2
+        # against 16.1 ms at T=128K (one H200, 14/2 heads, 20% routed, forward only; 256x64,
+        # 128x32 and 64x64 tiles were slower, 4 stages tied with 3).
         return AttentionBlocks(
-            forward=BlockConfig(128, 64, num_warps=4, num_stages=3),
+            forward=BlockConfig(128, 64, num_warps=8 if routed else 4, num_stages=3),
             dq=BlockConfig(64, 64, num_warps=4, num_stages=2),
             dkdv=BlockConfig(64, 64, num_warps=4, num_stages=3),
         )

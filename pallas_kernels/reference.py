@@ -112,6 +112,33 @@ def conditional_global_attention_reference(
     return jnp.where(route[:, :, None, None], out, jnp.zeros((), out.dtype))
 
 
+def routed_rows_attention_reference(
+    q_rows, k, v, qpos, *, segment_ids=None, sm_scale: float | None = None
+) -> jax.Array:
+    """Full causal attention for queries given as rows: q_rows (B, N, Hq, D) sit at positions
+    ``qpos`` (B, N) of a sequence whose keys and values are k, v (B, T, Hkv, D); key j is
+    visible to row n iff j <= qpos[b, n] (and, with ``segment_ids`` (B, T), both share a
+    segment). A row at position -1 (padding) sees nothing and gives exactly zero."""
+    if q_rows.ndim != 4 or qpos.shape != q_rows.shape[:2]:
+        raise ValueError(
+            f"q_rows must be (batch, rows, heads, head_dim) and qpos (batch, rows); got "
+            f"{q_rows.shape} and {qpos.shape}"
+        )
+    check_attention_shapes(k, k, v, segment_ids)
+    if q_rows.shape[0] != k.shape[0] or q_rows.shape[3] != k.shape[3]:
+        raise ValueError(f"q_rows {q_rows.shape} do not match k/v {k.shape} in batch or head_dim")
+    if q_rows.shape[2] % k.shape[2]:
+        raise ValueError(
+            f"query heads ({q_rows.shape[2]}) must be a multiple of kv heads ({k.shape[2]})"
+        )
+    keys = jnp.arange(k.shape[1])[None, None, :]
+    mask = (keys <= qpos[:, :, None]) & (qpos[:, :, None] >= 0)
+    if segment_ids is not None:
+        own = jnp.take_along_axis(segment_ids, jnp.maximum(qpos, 0), axis=1)
+        mask &= own[:, :, None] == segment_ids[:, None, :]
+    return masked_attention(q_rows, k, v, mask, sm_scale=sm_scale)
+
+
 def decode_attention_reference(q, k, v, num_keys, route=None, *, sm_scale: float | None = None):
     """One new query per row against a KV cache: q (B, 1, Hq, D) reads the first
     ``num_keys[b]`` (B,) slots of k, v (B, S, Hkv, D); with ``route`` (B,) bool, rows not routed
