@@ -188,6 +188,27 @@ class AttentionBackend:
             q, k, v, route, segment_ids=segment_ids
         )
 
+    @property
+    def compacts_routed(self) -> bool:
+        """Whether routed calls can take their queries as compacted rows (``routed_rows``):
+        on the Pallas kernels, unless the sequence is split over devices."""
+        return self.impl != "cudnn" and self.runs_as == "pallas" and self.seq_axes is None
+
+    def routed_rows(self, q_rows, k, v, qpos, *, segment_ids=None) -> jax.Array:
+        """Causal attention for routed queries given as rows (b, n, hq, d) at positions
+        ``qpos`` (b, n), ascending with padding rows (-1) last (``compact_routed``'s layout);
+        padding rows give zero. Only where ``compacts_routed``."""
+        if not self.compacts_routed:
+            raise ValueError(
+                f"attention {self.describe()!r} takes routed queries in token order; call "
+                "routed() (compacted rows need the Pallas kernels and an unsplit sequence)"
+            )
+        import pallas_kernels
+
+        return self._on_mesh(
+            pallas_kernels.routed_rows_attention, q_rows, k, v, qpos, segment_ids=segment_ids
+        )
+
     def decode(self, q, k_cache, v_cache, num_keys, *, route=None) -> jax.Array:
         """One new query per row against a cache: q (b, 1, hq, d) reads the first
         ``num_keys`` (b,) slots of the caches (b, slots, hkv, d). With ``route`` (b,) bool,
@@ -244,6 +265,12 @@ class Attend(Protocol):
     def routed(self, q, k, v, route) -> jax.Array:
         """``full`` for queries with ``route`` (b, t) true, exactly zero for the others."""
 
+    # Optional: an Attend with ``compacts_routed`` true also offers ``routed_rows(k, v)``,
+    # which takes the keys and values of every token and returns ``attend(q_rows, qpos)`` for
+    # routed queries as compacted rows (``AttentionBackend.routed_rows``); the layer then
+    # projects only those queries, in rows of a size it picks at run time (the returned
+    # function is pure, so it may run inside ``lax.cond``).
+
 
 @dataclasses.dataclass(frozen=True)
 class SequenceAttention:
@@ -260,6 +287,16 @@ class SequenceAttention:
 
     def routed(self, q, k, v, route) -> jax.Array:
         return self.backend.routed(q, k, v, route, segment_ids=self.segment_ids)
+
+    @property
+    def compacts_routed(self) -> bool:
+        return self.backend.compacts_routed
+
+    def routed_rows(self, k, v):
+        def attend(q_rows, qpos):
+            return self.backend.routed_rows(q_rows, k, v, qpos, segment_ids=self.segment_ids)
+
+        return attend
 
 
 def banded_window(q, k, v, window: int, *, segment_ids=None) -> jax.Array:

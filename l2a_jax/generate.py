@@ -149,6 +149,14 @@ class _PrefillAttend:
         self._keep_global(k, v)
         return self.inner.routed(q, k, v, route)
 
+    @property
+    def compacts_routed(self) -> bool:
+        return self.inner.compacts_routed
+
+    def routed_rows(self, k, v):
+        self._keep_global(k, v)
+        return self.inner.routed_rows(k, v)
+
     def local(self, q, k, v, window):
         slots = min(window, self.capacity)
         self.cache[WINDOW] = (_ring(k, self.lengths, slots), _ring(v, self.lengths, slots))

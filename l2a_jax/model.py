@@ -12,6 +12,7 @@ Two ways to run a model:
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -29,6 +30,9 @@ from l2a_jax.routing import RouterStats, Routing, route_tokens
 from l2a_jax.sharding import ShardingRules
 
 _INIT_STD = 0.02
+# routed queries are compacted into rows for 1 / this of the sequence when they fit (the
+# learned routers' usual ~20%), else into rows for all of it
+ROUTED_ROWS_FRACTION = 4
 # what a layer's backward keeps from its forward: everything (``none``), only its inputs
 # (``full``: the layer is recomputed), or the matmul outputs (``dots``)
 REMAT_POLICIES = {
@@ -83,18 +87,30 @@ class Attention(nnx.Module):
 
     def project_qkv(self, x, cos, sin):
         """x (b, t, embed) -> rotated q (b, t, hq, dh), k and v (b, t, hkv, dh)."""
+        return (self.project_q(x, cos, sin), *self.project_kv(x, cos, sin))
+
+    def project_q(self, x, cos, sin):
+        """x (b, t, embed) -> rotated q (b, t, hq, dh); cos/sin (b, t, dh) of x's positions."""
         q = jnp.einsum("btd,dhk->bthk", x, self.wq[...])
+        if self.cfg.qkv_bias:
+            q = q + self.bq[...]
+        if self.cfg.qk_norm:
+            q = self.q_norm(q)
+        return apply_rope(q, cos, sin)
+
+    def project_kv(self, x, cos, sin):
+        """x (b, t, embed) -> rotated k and v (b, t, hkv, dh)."""
         k = jnp.einsum("btd,dhk->bthk", x, self.wk[...])
         v = jnp.einsum("btd,dhk->bthk", x, self.wv[...])
         if self.cfg.qkv_bias:
-            q, k, v = q + self.bq[...], k + self.bk[...], v + self.bv[...]
+            k, v = k + self.bk[...], v + self.bv[...]
         if self.cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+            k = self.k_norm(k)
+        return apply_rope(k, cos, sin), v
 
-    def project_out(self, heads: jax.Array) -> jax.Array:
+    def project_out(self, heads: jax.Array, *, bias: bool = True) -> jax.Array:
         out = jnp.einsum("bthk,hkd->btd", heads, self.wo[...])
-        if self.cfg.o_bias:
+        if bias and self.cfg.o_bias:
             out = out + self.bo[...]
         return out
 
@@ -206,30 +222,81 @@ class L2ADecoderLayer(nnx.Module):
             z, sigma, route, gate = self.decide(s, routing, index, density)
         if self.mode != "swa":
             with jax.named_scope("global_qkv_proj"):
-                q, k, v = self.global_attn.project_qkv(s, cos, sin)
+                k, v = self.global_attn.project_kv(s, cos, sin)
+            args = (h, s, k, v, route, gate, cos, sin)
 
-            def dense(q, k, v, route):
-                return attend.full(q, k, v)
+            def dense(*args):
+                return self._global_branch(*args, attend=attend, dense=True)
 
-            def sparse(q, k, v, route):
-                return attend.routed(q, k, v, route)
+            def sparse(*args):
+                # compacted rows in forward-only passes (prefill, scoring): under autodiff
+                # the run-time choice of row count keeps the residuals of both sizes, and a
+                # train step measured no faster for it (bench/RESULTS.md)
+                compact = not routing.train and getattr(attend, "compacts_routed", False)
+                return self._global_branch(*args, attend=attend, dense=False, compact=compact)
 
-            with jax.named_scope("global_attention"):
-                if self.mode == "full" or routing.dense is True:
-                    heads = dense(q, k, v, route)
-                elif routing.dense is False:
-                    heads = sparse(q, k, v, route)
-                else:  # a traced coin: both arms in one program, one of them runs
-                    heads = jax.lax.cond(routing.dense, dense, sparse, q, k, v, route)
-            with jax.named_scope("global_out_proj"):
-                gated = (gate[..., None, None] * heads.astype(jnp.float32)).astype(heads.dtype)
-                h = h + self.global_attn.project_out(gated)
+            if self.mode == "full" or routing.dense is True:
+                h = dense(*args)
+            elif routing.dense is False:
+                h = sparse(*args)
+            else:  # a traced coin: both arms in one program, one of them runs
+                h = jax.lax.cond(routing.dense, dense, sparse, *args)
         elif self.global_attn.cfg.o_bias:
             h = h + self.global_attn.bo[...]  # o_proj_global(0): its bias alone
         with jax.named_scope("mlp"):
             y = h + self.mlp(self.post_norm(h))
         stats = RouterStats.of(z, sigma, route, self.mode == "l2a", routing.counted)
         return y, stats
+
+    def _global_branch(
+        self, h, s, k, v, route, gate, cos, sin, *, attend: Attend, dense: bool, compact=False
+    ):
+        """h plus the global branch's gated output: dense over every token, or for the routed
+        tokens alone; with ``compact`` (where ``attend`` takes routed queries as compacted
+        rows) only the routed tokens' queries and outputs are projected (``_routed_rows``)."""
+        if compact:
+            return self._routed_rows(h, s, k, v, route, gate, cos, sin, attend)
+        with jax.named_scope("global_qkv_proj"):
+            q = self.global_attn.project_q(s, cos, sin)
+        with jax.named_scope("global_attention"):
+            heads = attend.full(q, k, v) if dense else attend.routed(q, k, v, route)
+        with jax.named_scope("global_out_proj"):
+            gated = (gate[..., None, None] * heads.astype(jnp.float32)).astype(heads.dtype)
+            return h + self.global_attn.project_out(gated)
+
+    def _routed_rows(self, h, s, k, v, route, gate, cos, sin, attend: Attend):
+        """The routed tokens' global attention with their queries and outputs projected as
+        compacted rows. The rows are as many as the largest routed count needs among two
+        static sizes, ``ROUTED_ROWS_FRACTION`` of the sequence and all of it, picked at run
+        time, so the result is exact at any routed fraction, and a layer routing up to a
+        quarter of its tokens projects queries and outputs for a quarter of the sequence."""
+        from pallas_kernels.attention import compact_routed  # plain jnp
+
+        t = route.shape[1]
+        small = max(1, -(-t // ROUTED_ROWS_FRACTION))
+        attend_rows = attend.routed_rows(k, v)  # outside the cond: a prefill keeps k, v here
+
+        def rows(n):
+            qpos, _ = compact_routed(route, n)
+            valid = qpos >= 0
+            src = jnp.maximum(qpos, 0)
+            pick = functools.partial(jnp.take_along_axis, indices=src[:, :, None], axis=1)
+            with jax.named_scope("global_qkv_proj"):
+                q = self.global_attn.project_q(pick(s), pick(cos), pick(sin))
+            with jax.named_scope("global_attention"):
+                heads = attend_rows(q, qpos)
+            with jax.named_scope("global_out_proj"):
+                g = jnp.where(valid, jnp.take_along_axis(gate, src, axis=1), 0.0)
+                gated = (g[..., None, None] * heads.astype(jnp.float32)).astype(heads.dtype)
+                out = self.global_attn.project_out(gated, bias=False)
+                dst = jnp.where(valid, qpos, t)  # padding rows land past the end: dropped
+                base = h + self.global_attn.bo[...] if self.global_attn.cfg.o_bias else h
+                return base.at[jnp.arange(h.shape[0])[:, None], dst].add(out, mode="drop")
+
+        if small >= t:
+            return rows(t)
+        fits = jnp.max(jnp.sum(route, axis=1)) <= small
+        return jax.lax.cond(fits, lambda: rows(small), lambda: rows(t))
 
 
 class QwenModel(nnx.Module):

@@ -11,7 +11,7 @@ from hf_models import build_hf_model, save_hf_model
 
 from l2a_jax import Batch, ConfigError, L2AConfig, Routing, convert_to_l2a, from_hf, to_hf
 from l2a_jax.attention import AttentionBackend, SequenceAttention
-from l2a_jax.model import L2ADecoderLayer
+from l2a_jax.model import ROUTED_ROWS_FRACTION, L2ADecoderLayer
 from l2a_jax.rope import rope_cos_sin
 from l2a_jax.training import (
     TrainConfig,
@@ -309,19 +309,31 @@ def test_invalid_layer_choices_for_model(qwen3, kwargs, match):
         convert_to_l2a(qwen3, L2AConfig(**kwargs))
 
 
-def test_kernel_path_matches_reference_path(qwen3, rng):
+@pytest.mark.parametrize("threshold, rows", [(0.5, "all"), (0.999, "quarter")])
+def test_kernel_path_matches_reference_path(qwen3, rng, threshold, rows):
     """Pallas kernels (interpret mode on CPU, native on a GPU) against the jnp references:
-    logits, and gradients of every trainable parameter on a sparse and on a dense step."""
-    cfg = L2AConfig(window=7)
+    logits, and gradients of every trainable parameter on a sparse and on a dense step. In the
+    forward the routed queries are projected and attended as compacted rows, a quarter of the
+    sequence long when every row's routed count fits (``rows`` "quarter", here in every layer)
+    and as long as the sequence otherwise ("all", here in at least one layer); train steps
+    keep them in token order."""
+    cfg = L2AConfig(window=7, tau=2.0, threshold=threshold)
     ref_model = random_router(convert_to_l2a(qwen3, cfg), rng, scale=1.0)
     graphdef, state = nnx.split(ref_model)
     kernel_graph, _ = nnx.split(convert_to_l2a(qwen3, cfg, attention_impl="pallas"))
     kernel_model = nnx.merge(kernel_graph, state)
-    ids = tokens(rng, seq=37)
+    seq = 37
+    ids = tokens(rng, seq=seq)
     segment_ids = jnp.asarray(np.repeat([[1] * 20 + [2] * 17], 2, axis=0))
     ref_logits, ref_stats = ref_model.forward_with_stats(ids, segment_ids=segment_ids)
     ker_logits, _ = kernel_model.forward_with_stats(ids, segment_ids=segment_ids)
-    assert 0 < float(ref_stats.routed_fraction[0]) < 1
+    routed = np.asarray(ref_stats.routed_fraction) * 2 * seq  # routed tokens of both rows
+    assert routed.min() > 0 and routed.max() < 2 * seq
+    quarter = -(-seq // ROUTED_ROWS_FRACTION)
+    if rows == "quarter":  # no row can hold more than both rows together
+        assert routed.max() <= quarter, routed
+    else:  # some row holds at least half of both rows' count
+        assert routed.max() / 2 > quarter, routed
     np.testing.assert_allclose(ker_logits, ref_logits, atol=1e-4, rtol=0)
     for dense in (False, True):
 
