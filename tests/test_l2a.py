@@ -316,7 +316,7 @@ def test_kernel_path_matches_reference_path(qwen3, rng, threshold, rows):
     forward the routed queries are projected and attended as compacted rows, a quarter of the
     sequence long when every row's routed count fits (``rows`` "quarter", here in every layer)
     and as long as the sequence otherwise ("all", here in at least one layer); train steps
-    keep them in token order."""
+    keep them in token order, so gradients are checked in the "all" case only."""
     cfg = L2AConfig(window=7, tau=2.0, threshold=threshold)
     ref_model = random_router(convert_to_l2a(qwen3, cfg), rng, scale=1.0)
     graphdef, state = nnx.split(ref_model)
@@ -335,6 +335,8 @@ def test_kernel_path_matches_reference_path(qwen3, rng, threshold, rows):
     else:  # some row holds at least half of both rows' count
         assert routed.max() / 2 > quarter, routed
     np.testing.assert_allclose(ker_logits, ref_logits, atol=1e-4, rtol=0)
+    if rows == "quarter":
+        return  # train steps keep token order whatever the routed count: checked once below
     for dense in (False, True):
 
         def loss(model, dense=dense):
