@@ -21,7 +21,7 @@ from pallas_kernels.flash import (
     query_tiles_per_key_tile,
     softmax_delta,
 )
-from pallas_kernels.reference import check_attention_shapes
+from pallas_kernels.reference import check_attention_shapes, check_rows_shapes
 
 
 def _resolve_interpret(interpret: bool | None) -> bool:
@@ -266,18 +266,7 @@ def routed_rows_attention(
     exactly zero. The kernels and cost are those of ``conditional_global_attention``, without
     its gather of the queries and scatter of the outputs, so a caller that projects only the
     routed tokens' queries never builds full-length query or output arrays."""
-    if q_rows.ndim != 4 or qpos.shape != q_rows.shape[:2]:
-        raise ValueError(
-            f"q_rows must be (batch, rows, heads, head_dim) and qpos (batch, rows); got "
-            f"{q_rows.shape} and {qpos.shape}"
-        )
-    check_attention_shapes(k, k, v, segment_ids)
-    if q_rows.shape[0] != k.shape[0] or q_rows.shape[3] != k.shape[3]:
-        raise ValueError(f"q_rows {q_rows.shape} do not match k/v {k.shape} in batch or head_dim")
-    if q_rows.shape[2] % k.shape[2]:
-        raise ValueError(
-            f"query heads ({q_rows.shape[2]}) must be a multiple of kv heads ({k.shape[2]})"
-        )
+    check_rows_shapes(q_rows, k, v, qpos, segment_ids)
     spec, padded = _spec(
         q_rows, k, v, sm_scale, interpret, blocks, None, segment_ids is not None, routed=True
     )

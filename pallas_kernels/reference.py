@@ -38,6 +38,23 @@ def check_attention_shapes(q, k, v, segment_ids=None, route=None) -> None:
             raise ValueError(f"{name} must have shape (batch, seq) = {(b, t)}; got {arr.shape}")
 
 
+def check_rows_shapes(q_rows, k, v, qpos, segment_ids=None) -> None:
+    """``check_attention_shapes`` for queries given as rows: q_rows (B, N, Hq, D) at
+    positions qpos (B, N) against k, v (B, T, Hkv, D)."""
+    if q_rows.ndim != 4 or qpos.shape != q_rows.shape[:2]:
+        raise ValueError(
+            f"q_rows must be (batch, rows, heads, head_dim) and qpos (batch, rows); got "
+            f"{q_rows.shape} and {qpos.shape}"
+        )
+    check_attention_shapes(k, k, v, segment_ids)
+    if q_rows.shape[0] != k.shape[0] or q_rows.shape[3] != k.shape[3]:
+        raise ValueError(f"q_rows {q_rows.shape} do not match k/v {k.shape} in batch or head_dim")
+    if q_rows.shape[2] % k.shape[2]:
+        raise ValueError(
+            f"query heads ({q_rows.shape[2]}) must be a multiple of kv heads ({k.shape[2]})"
+        )
+
+
 def visibility_mask(
     seq_len: int, *, window: int | None = None, segment_ids: jax.Array | None = None
 ) -> jax.Array:
@@ -119,18 +136,7 @@ def routed_rows_attention_reference(
     ``qpos`` (B, N) of a sequence whose keys and values are k, v (B, T, Hkv, D); key j is
     visible to row n iff j <= qpos[b, n] (and, with ``segment_ids`` (B, T), both share a
     segment). A row at position -1 (padding) sees nothing and gives exactly zero."""
-    if q_rows.ndim != 4 or qpos.shape != q_rows.shape[:2]:
-        raise ValueError(
-            f"q_rows must be (batch, rows, heads, head_dim) and qpos (batch, rows); got "
-            f"{q_rows.shape} and {qpos.shape}"
-        )
-    check_attention_shapes(k, k, v, segment_ids)
-    if q_rows.shape[0] != k.shape[0] or q_rows.shape[3] != k.shape[3]:
-        raise ValueError(f"q_rows {q_rows.shape} do not match k/v {k.shape} in batch or head_dim")
-    if q_rows.shape[2] % k.shape[2]:
-        raise ValueError(
-            f"query heads ({q_rows.shape[2]}) must be a multiple of kv heads ({k.shape[2]})"
-        )
+    check_rows_shapes(q_rows, k, v, qpos, segment_ids)
     keys = jnp.arange(k.shape[1])[None, None, :]
     mask = (keys <= qpos[:, :, None]) & (qpos[:, :, None] >= 0)
     if segment_ids is not None:
