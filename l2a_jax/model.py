@@ -270,7 +270,7 @@ class L2ADecoderLayer(nnx.Module):
         static sizes, ``ROUTED_ROWS_FRACTION`` of the sequence and all of it, picked at run
         time, so the result is exact at any routed fraction, and a layer routing up to a
         quarter of its tokens projects queries and outputs for a quarter of the sequence."""
-        from pallas_kernels.attention import compact_routed  # plain jnp
+        from pallas_kernels.attention import compact_routed  # kernels only reach here
 
         t = route.shape[1]
         small = max(1, -(-t // ROUTED_ROWS_FRACTION))

@@ -31,9 +31,11 @@ def _resolve_interpret(interpret: bool | None) -> bool:
     return bool(interpret)
 
 
-def _setup(q, k, v, segment_ids, route, sm_scale, interpret, blocks, window):
+def _setup(q, k, v, segment_ids, route, sm_scale, interpret, blocks, window, *, routed=False):
     check_attention_shapes(q, k, v, segment_ids, route)
-    return _spec(q, k, v, sm_scale, interpret, blocks, window, segment_ids is not None)
+    return _spec(
+        q, k, v, sm_scale, interpret, blocks, window, segment_ids is not None, routed=routed
+    )
 
 
 def _spec(q, k, v, sm_scale, interpret, blocks, window, has_segments, *, routed=False):
@@ -202,50 +204,14 @@ def conditional_global_attention(
     q (B, T, Hq, D); k, v (B, T, Hkv, D); route (B, T) bool. Routed queries are compacted
     (stable order, original positions kept), so the work is proportional to the routed count.
     """
-    check_attention_shapes(q, k, v, segment_ids, route)
-    spec, padded = _spec(
-        q, k, v, sm_scale, interpret, blocks, None, segment_ids is not None, routed=True
+    spec, padded = _setup(
+        q, k, v, segment_ids, route, sm_scale, interpret, blocks, None, routed=True
     )
     seg = _segments(segment_ids, q.shape[0], padded)
     qpos, slot = compact_routed(route.astype(bool), padded)
     qseg = _take_rows(seg, qpos)
     k, v = _pad(k, padded), _pad(v, padded)
     return _global_attention(q, k, v, qpos, slot, qseg, seg, spec)
-
-
-# Routed queries handed over already compacted, as rows (the model projects only routed
-# tokens' queries): the kernels' outputs for padding rows, and the dQ of tiles holding only
-# padding, are whatever the kernels left there, so both are zeroed here.
-
-
-def _rows_forward(q, k, v, qpos, qseg, seg, spec: FlashSpec):
-    o, lse = flash_forward(q, k, v, qpos, qseg, seg, spec)
-    valid = qpos >= 0
-    o = jnp.where(valid[:, :, None, None], o, jnp.zeros((), o.dtype))
-    return o, jnp.where(valid[:, None, :], lse, jnp.inf)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _rows_attention(q, k, v, qpos, qseg, seg, spec):
-    return _rows_forward(q, k, v, qpos, qseg, seg, spec)[0]
-
-
-def _rows_attention_fwd(q, k, v, qpos, qseg, seg, spec):
-    o, lse = _rows_forward(q, k, v, qpos, qseg, seg, spec)
-    return o, (q, k, v, o, lse, qpos, qseg, seg)
-
-
-def _rows_attention_bwd(spec, residuals, do):
-    q, k, v, o, lse, qpos, qseg, seg = residuals
-    valid = (qpos >= 0)[:, :, None, None]
-    do = jnp.where(valid, do, jnp.zeros((), do.dtype))
-    qtiles = _qtiles(qpos, k.shape[1], spec)
-    delta = softmax_delta(o, do)
-    dq, dk, dv = flash_backward(q, k, v, delta, lse, do, qpos, qseg, seg, qtiles, spec)
-    return jnp.where(valid, dq, jnp.zeros((), dq.dtype)), dk, dv, None, None, None
-
-
-_rows_attention.defvjp(_rows_attention_fwd, _rows_attention_bwd)
 
 
 def routed_rows_attention(
@@ -274,8 +240,13 @@ def routed_rows_attention(
     rows = -(-n // spec.blocks.seq_multiple) * spec.blocks.seq_multiple
     qpos = jnp.pad(qpos.astype(jnp.int32), ((0, 0), (0, rows - n)), constant_values=-1)
     seg = _segments(segment_ids, b, padded)
-    qseg = _take_rows(seg, qpos)
-    out = _rows_attention(
-        _pad(q_rows, rows), _pad(k, padded), _pad(v, padded), qpos, qseg, seg, spec
+    # Tiles holding only padding rows return at once, leaving whatever was in their output
+    # (and dQ) rows: selecting zeros there, on the way in and out, keeps it from the result
+    # and from the gradient of q_rows.
+    valid = (qpos >= 0)[:, :, None, None]
+    q = jnp.where(valid, _pad(q_rows, rows), jnp.zeros((), q_rows.dtype))
+    qtiles = _qtiles(qpos, padded, spec)  # read by the backward only
+    out = flash_attention(
+        q, _pad(k, padded), _pad(v, padded), qpos, _take_rows(seg, qpos), seg, qtiles, spec
     )
-    return out[:, :n]
+    return jnp.where(valid, out, jnp.zeros((), out.dtype))[:, :n]
