@@ -277,8 +277,7 @@ class L2ADecoderLayer(nnx.Module):
         attend_rows = attend.routed_rows(k, v)  # outside the cond: a prefill keeps k, v here
 
         def rows(n):
-            qpos, _ = compact_routed(route, n)
-            valid = qpos >= 0
+            qpos, slot = compact_routed(route, n)
             src = jnp.maximum(qpos, 0)
             pick = functools.partial(jnp.take_along_axis, indices=src[:, :, None], axis=1)
             with jax.named_scope("global_qkv_proj"):
@@ -286,12 +285,15 @@ class L2ADecoderLayer(nnx.Module):
             with jax.named_scope("global_attention"):
                 heads = attend_rows(q, qpos)
             with jax.named_scope("global_out_proj"):
-                g = jnp.where(valid, jnp.take_along_axis(gate, src, axis=1), 0.0)
+                g = jnp.where(qpos >= 0, jnp.take_along_axis(gate, src, axis=1), 0.0)
                 gated = (g[..., None, None] * heads.astype(jnp.float32)).astype(heads.dtype)
                 out = self.global_attn.project_out(gated, bias=False)
-                dst = jnp.where(valid, qpos, t)  # padding rows land past the end: dropped
+                # back to token order by a gather (slot: each routed token's row), which XLA
+                # fuses with the residual add; a scatter-add would cost a pass of its own
+                back = jnp.take_along_axis(out, jnp.maximum(slot, 0)[:, :, None], axis=1)
+                back = jnp.where((slot >= 0)[:, :, None], back, jnp.zeros((), back.dtype))
                 base = h + self.global_attn.bo[...] if self.global_attn.cfg.o_bias else h
-                return base.at[jnp.arange(h.shape[0])[:, None], dst].add(out, mode="drop")
+                return base + back.astype(base.dtype)
 
         if small >= t:
             return rows(t)
