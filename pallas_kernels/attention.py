@@ -18,6 +18,7 @@ from pallas_kernels.flash import (
     flash_attention,
     flash_backward,
     flash_forward,
+    forward_output,
     query_tiles_per_key_tile,
     softmax_delta,
 )
@@ -52,6 +53,7 @@ def _spec(q, k, v, sm_scale, interpret, blocks, window, has_segments, *, routed=
         )
     interpret = _resolve_interpret(interpret)
     seq_len = k.shape[1]
+    blocks_given = blocks  # tiles asked for are Triton's: those calls stay on Triton
     blocks = blocks or default_blocks(
         seq_len, q.shape[-1], interpret=interpret, itemsize=q.dtype.itemsize, routed=routed
     )
@@ -61,6 +63,7 @@ def _spec(q, k, v, sm_scale, interpret, blocks, window, has_segments, *, routed=
         blocks=blocks,
         has_segments=has_segments,
         interpret=interpret,
+        hopper=not interpret and blocks_given is None,
     )
     padded = -(-seq_len // blocks.seq_multiple) * blocks.seq_multiple
     return spec, padded
@@ -157,7 +160,8 @@ def _global_forward(q, k, v, qpos, slot, qseg, seg, spec: FlashSpec):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _global_attention(q, k, v, qpos, slot, qseg, seg, spec):
-    return _global_forward(q, k, v, qpos, slot, qseg, seg, spec)[0]
+    o = forward_output(_take_rows(q, qpos), k, v, qpos, qseg, seg, spec)
+    return _take_rows(o, slot)
 
 
 def _global_attention_fwd(q, k, v, qpos, slot, qseg, seg, spec):

@@ -44,6 +44,9 @@ class FlashSpec:
     blocks: AttentionBlocks
     has_segments: bool
     interpret: bool
+    # passes that take no gradient may run the forward as the Mosaic GPU kernel of
+    # ``hopper.py`` where it takes the problem (``hopper.takes``)
+    hopper: bool = False
 
 
 def _params(cfg: BlockConfig) -> plgpu.CompilerParams:
@@ -423,10 +426,26 @@ def flash_backward(q, k, v, delta, lse, do, qpos, qseg, kseg, qtiles, spec: Flas
     return dq, dk, dv
 
 
+def forward_output(q, k, v, qpos, qseg, kseg, spec: FlashSpec):
+    """``flash_forward``'s output alone, for a pass that takes no gradient: on Hopper the
+    Mosaic GPU kernel where it takes the problem (it keeps no log-sum-exp), else Triton's."""
+    if spec.hopper:
+        from pallas_kernels import hopper
+
+        rows, keys = q.shape[1], k.shape[1]
+        faster = spec.window is not None or keys >= hopper.GLOBAL_MIN_KEYS
+        if faster and hopper.takes(q, k, rows=rows, keys=keys, has_segments=spec.has_segments):
+            return hopper.routed_rows_forward(
+                q, k, v, qpos, sm_scale=spec.sm_scale, window=spec.window
+            )
+    return flash_forward(q, k, v, qpos, qseg, kseg, spec)[0]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def flash_attention(q, k, v, qpos, qseg, kseg, qtiles, spec: FlashSpec):
-    """Differentiable in q, k, v; the integer inputs describe positions, segments and tiles."""
-    return flash_forward(q, k, v, qpos, qseg, kseg, spec)[0]
+    """Differentiable in q, k, v; the integer inputs describe positions, segments and tiles.
+    Evaluated without differentiation it runs ``forward_output``."""
+    return forward_output(q, k, v, qpos, qseg, kseg, spec)
 
 
 def _flash_fwd(q, k, v, qpos, qseg, kseg, qtiles, spec):

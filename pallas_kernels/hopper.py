@@ -1,0 +1,279 @@
+"""Causal attention forward as a Mosaic GPU kernel for Hopper: TMA copies, asynchronous
+wgmma and warp specialisation (one warpgroup streams keys and values into a ring of shared
+memory buffers; two warpgroups of 64 query rows each compute, taking turns on the tensor
+cores so one's softmax overlaps the other's matrix products).
+
+One kernel serves both L2A ops: query rows at given positions (ascending, padding -1 last)
+against all earlier keys (the routed global branch, its queries compacted) or against a
+window of them (the window branch, every token a row). Forward only, without the
+log-sum-exp: ``flash.forward_output`` runs it for passes that take no gradient (prefill,
+scoring) on Hopper; differentiated passes keep the Triton kernels and their backward.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+BLOCK_K = 128  # keys per tile
+# Global (unwindowed) attention runs here from this many keys: on an H200 (14/2 heads, d 64,
+# a fifth of the rows routed) it beat the Triton forward by 10% at 128K keys and lost by 7% at
+# 32K, where its one block per SM leaves the short tail of the causal work unbalanced.
+GLOBAL_MIN_KEYS = 131072
+ROWS = 64  # query rows per computing warpgroup (one wgmma M tile)
+COMPUTING = 2  # computing warpgroups per block; a third one copies keys and values
+_M_INIT = -1e30  # finite: a row with nothing visible yet keeps exp2(m - m_new) finite
+
+
+@functools.cache
+def on_hopper() -> bool:
+    """Whether the default backend is a GPU of compute capability 9 (H100, H200)."""
+    if jax.default_backend() != "gpu":
+        return False
+    return all(str(getattr(d, "compute_capability", "")).startswith("9.") for d in jax.devices())
+
+
+def takes(q, k, *, rows: int, keys: int, has_segments: bool) -> bool:
+    """Whether ``routed_rows_forward`` runs this problem: on Hopper, bf16 or f16, head_dim 64
+    or 128 (its shared memory holds no more), no packed segments, rows and keys padded to its
+    tiles."""
+    d = q.shape[-1]
+    return (
+        on_hopper()
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        and d in (64, 128)
+        and not has_segments
+        and rows % (ROWS * COMPUTING) == 0
+        and keys % BLOCK_K == 0
+    )
+
+
+def key_tile_plan(qpos: jax.Array, block_k: int, window: int | None = None):
+    """The key tiles each block of query rows visits, from the rows' positions (B, R).
+
+    Per warpgroup's 64 rows (B, R / 64, 4) int32 ``lo, f0, f1, hi``: tiles [lo, hi) hold a
+    key some row sees; within them every row sees all of [f0, f1) (no mask needed there).
+    Per block of 128 rows (B, R / 128, 2) int32: the tiles it streams, the union of its
+    warpgroups' ranges. Rows of padding alone (-1) visit nothing; a warpgroup holding any
+    padding row masks every tile, which keeps padding rows at exactly zero.
+    """
+    b, r = qpos.shape
+    pos = qpos.reshape(b, r // ROWS, ROWS)
+    last = jnp.max(pos, axis=-1)
+    lowest = jnp.min(pos, axis=-1)  # -1 when the rows hold padding
+    first = jnp.min(jnp.where(pos >= 0, pos, jnp.iinfo(jnp.int32).max), axis=-1)
+    some = last >= 0
+    hi = jnp.where(some, last // block_k + 1, 0)
+    if window is None:
+        lo = f0 = jnp.zeros_like(hi)
+    else:
+        lo = jnp.where(some, jnp.maximum(first - window + 1, 0) // block_k, 0)
+        f0 = -(-jnp.maximum(last - window + 1, 0) // block_k)
+    f1 = jnp.where(lowest >= 0, (lowest + 1) // block_k, 0)
+    f0 = jnp.minimum(jnp.maximum(f0, lo), hi)
+    f1 = jnp.minimum(jnp.maximum(f1, f0), hi)
+    pair = (b, r // (ROWS * COMPUTING), COMPUTING)
+    block_lo = jnp.min(jnp.where(some, lo, jnp.iinfo(jnp.int32).max).reshape(pair), axis=-1)
+    block_hi = jnp.max(hi.reshape(pair), axis=-1)
+    block_lo = jnp.minimum(block_lo, block_hi)
+    # a warpgroup without rows of its own sits out its block's whole range
+    empty = ~some
+    spread = jnp.repeat(block_hi, COMPUTING, axis=1)
+    lo, f0, f1, hi = (jnp.where(empty, spread, x) for x in (lo, f0, f1, hi))
+    rows = jnp.stack([lo, f0, f1, hi], axis=-1).astype(jnp.int32)
+    return rows, jnp.stack([block_lo, block_hi], axis=-1).astype(jnp.int32)
+
+
+def routed_rows_forward(
+    q,
+    k,
+    v,
+    qpos,
+    *,
+    sm_scale: float,
+    window: int | None = None,
+    block_k: int = BLOCK_K,
+    stages: int | None = None,
+):
+    """o (B, R, Hq, D) for query rows q (B, R, Hq, D) at positions qpos (B, R), ascending
+    along the rows with padding (-1) last; k, v (B, Tk, Hkv, D). Key j is visible to a row
+    at position i iff j <= i (and i - window < j with ``window``). R a multiple of 128, Tk
+    of ``block_k``, D 64 or 128; bf16 or f16. Padding rows give 0."""
+    b, r, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    if r % (ROWS * COMPUTING) or tk % block_k or d not in (64, 128) or hq % hkv:
+        raise ValueError(
+            f"routed_rows_forward needs rows a multiple of {ROWS * COMPUTING}, keys of "
+            f"{block_k}, head_dim 64 or 128 and query heads a multiple of key heads; got q "
+            f"{q.shape}, k {k.shape}"
+        )
+    group = hq // hkv
+    dtype = q.dtype
+    stages = stages or (3 if d <= 64 else 2)  # three stages of 128 x 128 tiles overflow SMEM
+    row_plan, block_plan = key_tile_plan(qpos, block_k, window)
+    score_scale = sm_scale * math.log2(math.e)
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    num_tiles = r // (ROWS * COMPUTING)
+
+    def body(row_plan_ref, block_plan_ref, qpos_ref, q_ref, k_ref, v_ref, o_ref, scratch):
+        qo_smem, k_smem, v_smem, pos_smem, q_ready, pos_ready = scratch[:6]
+        k_ready, v_ready, k_free, v_free, turn = scratch[6:]
+        head, bi = lax.axis_index("heads"), lax.axis_index("b")
+        tile = num_tiles - 1 - lax.axis_index("tiles")  # the longest rows first
+        wg = lax.axis_index("wg")
+        block_lo, block_hi = block_plan_ref[bi, tile, 0], block_plan_ref[bi, tile, 1]
+
+        def slot_of(j):  # the ring buffer slot of key tile j
+            return lax.rem(j - block_lo, stages)
+
+        def take_turn():
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(turn)
+
+        @pl.when(wg < COMPUTING)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+            mine = tile * COMPUTING + wg
+            lo, f0 = row_plan_ref[bi, mine, 0], row_plan_ref[bi, mine, 1]
+            f1, hi = row_plan_ref[bi, mine, 2], row_plan_ref[bi, mine, 3]
+            row0 = mine * ROWS
+            q_smem, p_smem = qo_smem.at[wg], pos_smem.at[wg]
+            plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, ROWS), head], q_smem, q_ready.at[wg])
+            plgpu.copy_gmem_to_smem(qpos_ref.at[bi, pl.ds(row0, ROWS)], p_smem, pos_ready.at[wg])
+            plgpu.barrier_wait(q_ready.at[wg])
+            plgpu.barrier_wait(pos_ready.at[wg])
+            row_pos = plgpu.load(p_smem, layout=row_layout, optimized=False)
+
+            def sit_out(j, _, *, wait: bool):
+                # a tile only the other warpgroup needs: follow the ring's phases, release
+                # the tile and keep taking turns so the other is never left waiting
+                slot = slot_of(j)
+                if wait:
+                    plgpu.barrier_wait(k_ready.at[slot])
+                    plgpu.barrier_wait(v_ready.at[slot])
+                plgpu.barrier_arrive(k_free.at[slot])
+                plgpu.barrier_arrive(v_free.at[slot])
+                take_turn()
+                take_turn()
+
+            lax.fori_loop(block_lo, lo, functools.partial(sit_out, wait=True), None)
+
+            @pl.when(hi > lo)
+            def _():
+                plgpu.barrier_wait(k_ready.at[slot_of(lo)])
+
+            pl.when(wg == 1)(take_turn)  # the two warpgroups alternate from here on
+
+            def step(j, carry, *, masked: bool):
+                acc, m, denom = carry
+                slot = slot_of(j)
+
+                def scores(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                    take_turn()
+                    return acc_ref[...]
+
+                s = pl.run_scoped(scores, plgpu.ACC((ROWS, block_k), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                if masked:
+                    kpos = j * block_k + plgpu.broadcasted_iota(
+                        jnp.int32, (ROWS, block_k), 1, layout=plgpu.Layout.WGMMA
+                    )
+                    qpos_tile = lax.broadcast_in_dim(row_pos, (ROWS, block_k), [0])
+                    seen = kpos <= qpos_tile
+                    if window is not None:
+                        seen &= kpos > qpos_tile - window
+                    s = jnp.where(seen, s, -jnp.inf)
+                m_new = jnp.maximum(m, s.max(axis=1) * score_scale)
+                alpha = jnp.exp2(m - m_new)
+                p = jnp.exp2(s * score_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                denom = denom * alpha + p.sum(axis=1)
+                p_lo = p.astype(dtype)
+                acc, denom, m_new, p_lo = lax.optimization_barrier((acc, denom, m_new, p_lo))
+                plgpu.barrier_arrive(turn)  # softmax done: the other warpgroup may go on
+                plgpu.barrier_wait(v_ready.at[slot])
+                plgpu.barrier_wait(turn)  # our turn on the tensor cores again
+
+                def values(acc_ref):
+                    plgpu.wgmma(acc_ref, p_lo, v_smem.at[slot])
+
+                    @pl.when(j + 1 < hi)
+                    def _():
+                        plgpu.barrier_wait(k_ready.at[slot_of(j + 1)])
+
+                acc = pl.run_state(values)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, denom
+
+            carry = (
+                plgpu.layout_cast(jnp.zeros((ROWS, d), jnp.float32), plgpu.Layout.WGMMA),
+                plgpu.layout_cast(jnp.full((ROWS,), _M_INIT, jnp.float32), row_layout),
+                plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), row_layout),
+            )
+            masked_step = functools.partial(step, masked=True)
+            carry = lax.fori_loop(lo, f0, masked_step, carry)
+            carry = lax.fori_loop(f0, f1, functools.partial(step, masked=False), carry)
+            acc, _, denom = lax.fori_loop(f1, hi, masked_step, carry)
+            lax.fori_loop(hi, block_hi, functools.partial(sit_out, wait=False), None)
+            pl.when(wg == 0)(take_turn)
+
+            inv = 1.0 / jnp.where(denom > 0, denom, 1.0)
+            q_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem, o_ref.at[bi, pl.ds(row0, ROWS), head])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == COMPUTING)
+        def _stream():
+            plgpu.set_max_registers(40, action="decrease")
+            kv_head = lax.div(head, jnp.int32(group))
+
+            def fetch(j, *, wait: bool):
+                slot = slot_of(j)
+                at = (bi, pl.ds(j * block_k, block_k), kv_head)
+                if wait:
+                    plgpu.barrier_wait(k_free.at[slot])
+                plgpu.copy_gmem_to_smem(k_ref.at[at], k_smem.at[slot], k_ready.at[slot])
+                if wait:
+                    plgpu.barrier_wait(v_free.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[slot], v_ready.at[slot])
+
+            for i in range(stages):
+                j = block_lo + i
+                pl.when(j < block_hi)(functools.partial(fetch, j, wait=False))
+
+            @pl.loop(block_lo + stages, block_hi)
+            def _(j):
+                fetch(j, wait=True)
+
+    tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    scratch = (
+        plgpu.SMEM((COMPUTING, ROWS, d), dtype, transforms=tiles),
+        plgpu.SMEM((stages, block_k, d), dtype, transforms=tiles),
+        plgpu.SMEM((stages, block_k, d), dtype, transforms=tiles),
+        plgpu.SMEM((COMPUTING, ROWS), jnp.int32),
+        plgpu.Barrier(num_barriers=COMPUTING),
+        plgpu.Barrier(num_barriers=COMPUTING),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_arrivals=COMPUTING, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=COMPUTING, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=COMPUTING),
+    )
+    return plgpu.kernel(
+        lambda *refs: body(*refs[:7], refs[7:]),
+        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        scratch_types=scratch,
+        grid=(hq, num_tiles, b),
+        grid_names=("heads", "tiles", "b"),
+        num_threads=COMPUTING + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(row_plan, block_plan, qpos.astype(jnp.int32), q, k, v)
