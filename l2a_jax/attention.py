@@ -76,8 +76,11 @@ class AttentionBackend:
     cuDNN for dense causal and sliding-window attention where it applies (no segment ids, half
     precision, head dim <= 128; cuDNN runs 20-25% faster than the Pallas window kernel), the
     Pallas kernels otherwise and always for routed (query-sparse) attention; off the GPU the
-    jnp reference. ``cudnn`` forces cuDNN for dense and windowed calls (and runs routed calls
-    densely, then zeroes skipped rows: full attention's cost, the baseline to beat).
+    jnp reference. On Hopper, windows that cuDNN would run go, when no gradient is taken, to
+    the Pallas Mosaic GPU forward, 4-7% faster than cuDNN's there (``pallas_kernels.hopper``;
+    train steps keep cuDNN). ``cudnn`` forces cuDNN for dense and windowed calls (and runs
+    routed calls densely, then zeroes skipped rows: full attention's cost, the baseline to
+    beat).
     """
 
     impl: str
@@ -98,7 +101,13 @@ class AttentionBackend:
     def describe(self) -> str:
         if self.impl == "cudnn" or (self.impl == "auto" and self.runs_as == "pallas"):
             routed = "cudnn (dense)" if self.impl == "cudnn" else "pallas"
-            return f"dense and window: cudnn where it applies, else pallas; routed: {routed}"
+            line = f"dense and window: cudnn where it applies, else pallas; routed: {routed}"
+            if self.impl == "auto":
+                from pallas_kernels import hopper
+
+                if hopper.on_hopper():
+                    line += "; windows without gradients: pallas (mosaic gpu)"
+            return line
         return self.runs_as
 
     def check_heads(self, num_heads: int, num_kv_heads: int) -> None:
@@ -149,6 +158,8 @@ class AttentionBackend:
         if self._use_cudnn(q, segment_ids):
             local = None if window is None or window >= q.shape[1] else (window - 1, 0)
             fn = functools.partial(_cudnn_causal, local_window_size=local)
+            if local is not None and _hopper_window_takes(q):
+                fn = functools.partial(_window_hopper_unless_differentiated, window=window)
             return self._on_mesh(fn, q, k, v, segment_ids=None)
         if self.runs_as == "pallas":
             import pallas_kernels
@@ -346,6 +357,40 @@ def _cudnn_causal(q, k, v, *, local_window_size, segment_ids=None):
     return jax.nn.dot_product_attention(
         q, k, v, is_causal=True, local_window_size=local_window_size, implementation="cudnn"
     )
+
+
+def _hopper_window_takes(q) -> bool:
+    """Whether a window cuDNN would run goes to the Pallas Mosaic GPU kernel instead when no
+    gradient is taken: on Hopper, for sequences a whole number of its 128-token tiles (which
+    ``pallas_kernels.hopper.takes`` needs; cuDNN takes the others)."""
+    from pallas_kernels import hopper
+
+    t = q.shape[1]
+    return hopper.takes(q, q, rows=t, keys=t, has_segments=False)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _window_hopper_unless_differentiated(q, k, v, window, segment_ids=None):
+    """Windowed causal attention: evaluated as is (prefill, scoring) on the Mosaic GPU kernel,
+    faster than cuDNN's there (``bench/RESULTS.md``); differentiated, cuDNN's forward and
+    backward, which beat the Pallas pair in a train step."""
+    del segment_ids
+    import pallas_kernels
+
+    return pallas_kernels.sliding_window_attention(q, k, v, window=window)
+
+
+def _window_cudnn_fwd(q, k, v, window, segment_ids=None):
+    del segment_ids
+    cudnn = functools.partial(_cudnn_causal, local_window_size=(window - 1, 0))
+    return jax.vjp(cudnn, q, k, v)  # (output, its pullback: a pytree of residuals)
+
+
+def _window_cudnn_bwd(window, pullback, g):
+    return (*pullback(g), None)
+
+
+_window_hopper_unless_differentiated.defvjp(_window_cudnn_fwd, _window_cudnn_bwd)
 
 
 def _head_axes(mesh: Mesh, rules: ShardingRules, num_heads: int, num_kv_heads: int):
