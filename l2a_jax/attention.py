@@ -77,7 +77,7 @@ class AttentionBackend:
     precision, head dim <= 128; cuDNN runs 20-25% faster than the Pallas window kernel), the
     Pallas kernels otherwise and always for routed (query-sparse) attention; off the GPU the
     jnp reference. On Hopper, windows that cuDNN would run go, when no gradient is taken, to
-    the Pallas Mosaic GPU forward, 4-7% faster than cuDNN's there (``pallas_kernels.hopper``;
+    the Pallas Mosaic GPU forward, 4-5% faster than cuDNN's there (``pallas_kernels.hopper``;
     train steps keep cuDNN). ``cudnn`` forces cuDNN for dense and windowed calls (and runs
     routed calls densely, then zeroes skipped rows: full attention's cost, the baseline to
     beat).
