@@ -36,7 +36,7 @@ from pallas_kernels import (  # noqa: E402
     routed_rows_attention_reference,
     sliding_window_attention,
 )
-from pallas_kernels.attention import compact_routed  # noqa: E402
+from pallas_kernels.attention import _take_rows, compact_routed  # noqa: E402
 from pallas_kernels.blocks import default_blocks  # noqa: E402
 from pallas_kernels.reference import causal_attention_reference  # noqa: E402
 
@@ -72,11 +72,6 @@ def inputs(key, b, t, hq, hkv, d):
     )
 
 
-def rows_of(x, qpos):
-    got = jnp.take_along_axis(x, jnp.maximum(qpos, 0)[:, :, None, None], axis=1)
-    return jnp.where((qpos >= 0)[:, :, None, None], got, jnp.zeros((), x.dtype))
-
-
 def check() -> list[dict]:
     out = []
     for i, (t, hq, hkv, d, frac, b, window) in enumerate(CHECKS):
@@ -84,13 +79,13 @@ def check() -> list[dict]:
         q, k, v = inputs(key, b, t, hq, hkv, d)
         route = jax.random.uniform(jax.random.fold_in(key, 1), (b, t)) < frac
         qpos, _ = compact_routed(route, t)
-        q_rows = rows_of(q, qpos)
+        q_rows = _take_rows(q, qpos)
         got = hopper.routed_rows_forward(q_rows, k, v, qpos, sm_scale=d**-0.5, window=window)
         f32 = [x.astype(jnp.float32) for x in (q, k, v)]
         if window is None:
-            want = routed_rows_attention_reference(rows_of(f32[0], qpos), *f32[1:], qpos)
+            want = routed_rows_attention_reference(_take_rows(f32[0], qpos), *f32[1:], qpos)
         else:
-            want = rows_of(causal_attention_reference(*f32, window=window), qpos)
+            want = _take_rows(causal_attention_reference(*f32, window=window), qpos)
         valid = np.asarray(qpos >= 0)
         got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
         err = float(np.abs(got - want)[valid].max())
@@ -132,7 +127,7 @@ def timings(args) -> list[dict]:
         q, k, v = inputs(key, 1, t, h, hkv, d)
         route = random_route(jax.random.fold_in(key, 1), t, args.density)
         qpos, _ = compact_routed(route, t // 4)
-        q_rows = rows_of(q, qpos)
+        q_rows = _take_rows(q, qpos)
         pos = np.asarray(qpos[0])
         pairs = float(np.sum(pos[pos >= 0] + 1))
         routed_blocks = default_blocks(t, d, interpret=False, routed=True)

@@ -366,7 +366,7 @@ def _hopper_window_takes(q) -> bool:
     from pallas_kernels import hopper
 
     t = q.shape[1]
-    return hopper.takes(q, q, rows=t, keys=t, has_segments=False)
+    return hopper.takes(q, rows=t, keys=t, has_segments=False)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -434,7 +434,7 @@ def forward_output(q, k, v, qpos, qseg, kseg, spec: FlashSpec):
 
         rows, keys = q.shape[1], k.shape[1]
         faster = spec.window is not None or keys >= hopper.GLOBAL_MIN_KEYS
-        if faster and hopper.takes(q, k, rows=rows, keys=keys, has_segments=spec.has_segments):
+        if faster and hopper.takes(q, rows=rows, keys=keys, has_segments=spec.has_segments):
             return hopper.routed_rows_forward(
                 q, k, v, qpos, sm_scale=spec.sm_scale, window=spec.window
             )

@@ -39,7 +39,7 @@ def on_hopper() -> bool:
     return all(str(getattr(d, "compute_capability", "")).startswith("9.") for d in jax.devices())
 
 
-def takes(q, k, *, rows: int, keys: int, has_segments: bool) -> bool:
+def takes(q, *, rows: int, keys: int, has_segments: bool) -> bool:
     """Whether ``routed_rows_forward`` runs this problem: on Hopper, bf16 or f16, head_dim 64
     or 128 (its shared memory holds no more), no packed segments, rows and keys padded to its
     tiles."""
