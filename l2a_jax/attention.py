@@ -78,7 +78,9 @@ class AttentionBackend:
     Pallas kernels otherwise and always for routed (query-sparse) attention; off the GPU the
     jnp reference. On Hopper, windows that cuDNN would run go, when no gradient is taken, to
     the Pallas Mosaic GPU forward, 4-5% faster than cuDNN's there (``pallas_kernels.hopper``;
-    train steps keep cuDNN). ``cudnn`` forces cuDNN for dense and windowed calls (and runs
+    train steps keep cuDNN); there too ``auto`` and ``pallas`` without a mesh run the
+    feed-forward's gated half as one fused kernel where no gradient is taken (``swiglu``).
+    ``cudnn`` forces cuDNN for dense and windowed calls (and runs
     routed calls densely, then zeroes skipped rows: full attention's cost, the baseline to
     beat).
     """
@@ -99,16 +101,20 @@ class AttentionBackend:
         return resolve_impl(self.impl, self.head_dim)
 
     def describe(self) -> str:
+        hopper = False
+        if _on_gpu():
+            from pallas_kernels.hopper import on_hopper
+
+            hopper = on_hopper()
+        line = self.runs_as
         if self.impl == "cudnn" or (self.impl == "auto" and self.runs_as == "pallas"):
             routed = "cudnn (dense)" if self.impl == "cudnn" else "pallas"
             line = f"dense and window: cudnn where it applies, else pallas; routed: {routed}"
-            if self.impl == "auto":
-                from pallas_kernels import hopper
-
-                if hopper.on_hopper():
-                    line += "; windows without gradients: pallas (mosaic gpu)"
-            return line
-        return self.runs_as
+            if self.impl == "auto" and hopper:
+                line += "; windows without gradients: pallas (mosaic gpu)"
+        if self.impl in ("auto", "pallas") and self.mesh is None and hopper:
+            line += "; feed-forward gate without gradients: fused (mosaic gpu)"
+        return line
 
     def check_heads(self, num_heads: int, num_kv_heads: int) -> None:
         """Raises a ``ConfigError`` when the mesh would split a GQA group across devices."""
@@ -220,6 +226,16 @@ class AttentionBackend:
             pallas_kernels.routed_rows_attention, q_rows, k, v, qpos, segment_ids=segment_ids
         )
 
+    def swiglu(self, x, w_gate, w_up) -> jax.Array:
+        """The gated half of the feed-forward, ``silu(x @ w_gate) * (x @ w_up)`` for x
+        (..., d). ``auto`` and ``pallas`` on Hopper without a mesh, for shapes it takes: the
+        fused Mosaic GPU kernel (``pallas_kernels.swiglu``) where no gradient is taken, the
+        jnp form under differentiation; otherwise the jnp form."""
+        fused = self.impl in ("auto", "pallas") and self.mesh is None and _on_gpu()
+        if fused and _swiglu_takes(x, w_gate):
+            return _swiglu_unless_differentiated(x, w_gate, w_up)
+        return swiglu(x, w_gate, w_up)
+
     def decode(self, q, k_cache, v_cache, num_keys, *, route=None) -> jax.Array:
         """One new query per row against a cache: q (b, 1, hq, d) reads the first
         ``num_keys`` (b,) slots of the caches (b, slots, hkv, d). With ``route`` (b,) bool,
@@ -302,6 +318,9 @@ class SequenceAttention:
     @property
     def compacts_routed(self) -> bool:
         return self.backend.compacts_routed
+
+    def swiglu(self, x, w_gate, w_up) -> jax.Array:
+        return self.backend.swiglu(x, w_gate, w_up)
 
     def routed_rows(self, k, v):
         def attend(q_rows, qpos):
@@ -391,6 +410,39 @@ def _window_cudnn_bwd(window, pullback, g):
 
 
 _window_hopper_unless_differentiated.defvjp(_window_cudnn_fwd, _window_cudnn_bwd)
+
+
+def swiglu(x, w_gate, w_up) -> jax.Array:
+    """``silu(x @ w_gate) * (x @ w_up)`` in jnp, in x's dtype."""
+    return jax.nn.silu(x @ w_gate) * (x @ w_up)
+
+
+def _swiglu_takes(x, w_gate) -> bool:
+    from pallas_kernels import swiglu as kernel
+
+    rows = x.reshape(-1, x.shape[-1]) if x.ndim >= 2 else x
+    return kernel.takes(rows, w_gate)
+
+
+@jax.custom_vjp
+def _swiglu_unless_differentiated(x, w_gate, w_up):
+    """``swiglu`` evaluated as is (prefill, scoring) on the fused Mosaic GPU kernel, which
+    never writes the two products (``bench/RESULTS.md``); differentiated, the jnp form."""
+    from pallas_kernels import swiglu as kernel
+
+    out = kernel.swiglu_up(x.reshape(-1, x.shape[-1]), w_gate, w_up)
+    return out.reshape(*x.shape[:-1], w_gate.shape[1])
+
+
+def _swiglu_fwd(x, w_gate, w_up):
+    return jax.vjp(swiglu, x, w_gate, w_up)
+
+
+def _swiglu_bwd(pullback, g):
+    return pullback(g)
+
+
+_swiglu_unless_differentiated.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 def _head_axes(mesh: Mesh, rules: ShardingRules, num_heads: int, num_kv_heads: int):

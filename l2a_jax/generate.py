@@ -157,6 +157,9 @@ class _PrefillAttend:
         self._keep_global(k, v)
         return self.inner.routed_rows(k, v)
 
+    def swiglu(self, x, w_gate, w_up):
+        return self.inner.swiglu(x, w_gate, w_up)
+
     def local(self, q, k, v, window):
         slots = min(window, self.capacity)
         self.cache[WINDOW] = (_ring(k, self.lengths, slots), _ring(v, self.lengths, slots))

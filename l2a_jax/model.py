@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from l2a_jax.attention import Attend, AttentionBackend, SequenceAttention
+from l2a_jax.attention import Attend, AttentionBackend, SequenceAttention, swiglu
 from l2a_jax.batch import as_token_ids, check_per_token
 from l2a_jax.config import L2AConfig, ModelConfig, resolve_dtype
 from l2a_jax.layer_scan import run_layers
@@ -124,9 +124,11 @@ class MLP(nnx.Module):
         self.w_up = _param(rngs, (d, f), ("embed", "mlp"), dtype)
         self.w_down = _param(rngs, (f, d), ("mlp", "embed"), dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        gate = jax.nn.silu(x @ self.w_gate[...])
-        return (gate * (x @ self.w_up[...])) @ self.w_down[...]
+    def __call__(self, x: jax.Array, attend: Attend | None = None) -> jax.Array:
+        """``attend`` may run the gated half (``AttentionBackend.swiglu``: a fused kernel on
+        Hopper where no gradient is taken); without one, or one that offers none, jnp."""
+        gated = getattr(attend, "swiglu", None) or swiglu
+        return gated(x, self.w_gate[...], self.w_up[...]) @ self.w_down[...]
 
 
 class DecoderLayer(nnx.Module):
@@ -146,7 +148,7 @@ class DecoderLayer(nnx.Module):
         with jax.named_scope("out_proj"):
             x = x + self.attn.project_out(heads)
         with jax.named_scope("mlp"):
-            return x + self.mlp(self.post_norm(x))
+            return x + self.mlp(self.post_norm(x), attend)
 
 
 class L2ADecoderLayer(nnx.Module):
@@ -214,7 +216,7 @@ class L2ADecoderLayer(nnx.Module):
             h = x + self.attn.project_out(heads)
         if self.mode == "pruned":
             with jax.named_scope("mlp"):
-                y = h + self.mlp(self.post_norm(h))
+                y = h + self.mlp(self.post_norm(h), attend)
             none = jnp.zeros(h.shape[:2], jnp.float32)
             return y, RouterStats.of(none, none, none > 0, False, routing.counted)
         with jax.named_scope("router"):
@@ -244,7 +246,7 @@ class L2ADecoderLayer(nnx.Module):
         elif self.global_attn.cfg.o_bias:
             h = h + self.global_attn.bo[...]  # o_proj_global(0): its bias alone
         with jax.named_scope("mlp"):
-            y = h + self.mlp(self.post_norm(h))
+            y = h + self.mlp(self.post_norm(h), attend)
         stats = RouterStats.of(z, sigma, route, self.mode == "l2a", routing.counted)
         return y, stats
 

@@ -1,4 +1,5 @@
-"""Attention kernels for L2A: Pallas (Triton lowering) with pure-jnp references.
+"""Attention kernels for L2A: Pallas (Triton lowering; Mosaic GPU forwards for Hopper) with
+pure-jnp references, and for Hopper a fused feed-forward gate (``swiglu_up``).
 
 Names are resolved on first use, so ``pallas_kernels.reference`` and ``pallas_kernels.blocks``
 import without loading the Pallas Triton backend.
@@ -11,6 +12,7 @@ _EXPORTS = {
     "decode_attention": "decode",
     "routed_rows_attention": "attention",
     "sliding_window_attention": "attention",
+    "swiglu_up": "swiglu",
     "AttentionBlocks": "blocks",
     "BlockConfig": "blocks",
     "default_blocks": "blocks",
