@@ -112,7 +112,8 @@ def route_tokens(
     sigma = jax.nn.sigmoid(z / tau)
     if mode == "l2a":
         route = (sigma >= threshold) | routing.route_all
-        if not (isinstance(routing.route_prob, float) and routing.route_prob == 0.0):
+        off = isinstance(routing.route_prob, (int, float)) and routing.route_prob == 0
+        if not off:
             if routing.rng is None:
                 raise ValueError("Routing(route_prob=...) needs an rng key in Routing(rng=...)")
             # a key of its own, apart from the ones ``random`` layers draw from

@@ -417,6 +417,9 @@ def test_forced_routing_draws_its_tokens_from_the_rng():
     assert abs(float(jnp.mean(route)) - 0.3) < 0.05
     _, none, _ = route_tokens(z, routing=Routing(route_prob=0.0, rng=rng), **kw)
     assert not bool(jnp.any(none))
+    for off in (0, 0.0):  # nothing to draw: no rng needed, whatever the number's type
+        _, none, _ = route_tokens(z, routing=Routing(route_prob=off), **kw)
+        assert not bool(jnp.any(none))
     with pytest.raises(ValueError, match="rng"):
         route_tokens(z, routing=Routing(route_prob=0.3), **kw)
 
