@@ -296,7 +296,9 @@ class Attend(Protocol):
     # which takes the keys and values of every token and returns ``attend(q_rows, qpos)`` for
     # routed queries as compacted rows (``AttentionBackend.routed_rows``); the layer then
     # projects only those queries, in rows of a size it picks at run time (the returned
-    # function is pure, so it may run inside ``lax.cond``).
+    # function is pure, so it may run inside ``lax.cond``). An Attend may also offer
+    # ``swiglu(x, w_gate, w_up)`` for the feed-forward's gated half (``AttentionBackend.swiglu``);
+    # the MLP computes the jnp form where it does not.
 
 
 @dataclasses.dataclass(frozen=True)
