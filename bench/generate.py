@@ -157,7 +157,7 @@ def run_variant(args) -> dict:
 
 def main():
     args = parse_args()
-    ran = run_variants(args, run_variant, __file__, VARIANTS)
+    ran = run_variants(args, run_variant, __file__, VARIANTS, stem="generate-{device}")
     if ran is None:
         return
     device, rows, base = ran

@@ -174,7 +174,7 @@ def collectives(profile: dict | None) -> str:
 
 def main():
     args = parse_args()
-    ran = run_variants(args, run_variant, __file__, VARIANTS)
+    ran = run_variants(args, run_variant, __file__, VARIANTS, stem="multi-gpu-{device}")
     if ran is None:
         return
     device, rows, _ = ran

@@ -144,7 +144,8 @@ def run_variant(args) -> dict:
 
 def main():
     args = parse_args()
-    ran = run_variants(args, run_variant, __file__, VARIANTS)
+    stem = f"train-step-{{device}}-T{args.seq_len}"
+    ran = run_variants(args, run_variant, __file__, VARIANTS, stem=stem)
     if ran is None:
         return
     device, rows, base = ran
@@ -169,7 +170,7 @@ def main():
             f"{r['step_s'] * 1e3:.1f} | {r['tokens_per_s'] / 1e3:.1f}K | {speed} | "
             f"{r['peak_gib']:.1f} | {r['routed_fraction']:.2f} |"
         )
-    write_results(args.out, f"train-step-{{device}}-T{args.seq_len}", device, args, rows)
+    write_results(args.out, stem, device, args, rows)
 
 
 if __name__ == "__main__":

@@ -41,18 +41,26 @@ def qwen_shape(args, context: int, rope_theta: float = 1e6):
     )
 
 
-def run_variants(args, run_variant, script: str, known):
+def run_variants(args, run_variant, script: str, known, *, stem: str | None = None):
     """In a child process (``--one VARIANT``): measures that variant and prints its result
     line, returning None. Otherwise: runs every variant of ``args.variants`` in a child and
-    returns (device kind, rows, the ``base`` row or None)."""
+    returns (device kind, rows, the ``base`` row or None). With ``stem`` and ``args.out``, the
+    rows so far are written (``write_results``) after each variant, so a run stopped part way
+    (a time limit) keeps what it measured; the caller's final write replaces them."""
     if args.one is not None:
         print("RESULT " + json.dumps(run_variant(args)), flush=True)
         return None
     import jax
 
-    rows = run_in_fresh_processes(script, args.variants, known)
+    device = jax.devices()[0].device_kind
+
+    def keep(rows):
+        if stem is not None:
+            write_results(args.out, stem, device, args, rows)
+
+    rows = run_in_fresh_processes(script, args.variants, known, on_row=keep)
     base = next((r for r in rows if r["variant"] == "base" and "error" not in r), None)
-    return jax.devices()[0].device_kind, rows, base
+    return device, rows, base
 
 
 def shape_line(args) -> str:
@@ -64,10 +72,10 @@ def shape_line(args) -> str:
     )
 
 
-def run_in_fresh_processes(script: str, variants: str, known) -> list[dict]:
+def run_in_fresh_processes(script: str, variants: str, known, on_row=None) -> list[dict]:
     """Runs ``script`` once per comma-separated variant with ``--one VARIANT`` (and this
     process's arguments); each child prints ``RESULT {json}``. A failed variant becomes a row
-    with its error."""
+    with its error. ``on_row(rows)`` is called after each variant with the rows so far."""
     rows = []
     for variant in variants.split(","):
         if variant not in known:
@@ -78,9 +86,11 @@ def run_in_fresh_processes(script: str, variants: str, known) -> list[dict]:
         if proc.returncode or not lines:
             print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
             rows.append({"variant": variant, "error": (proc.stderr or proc.stdout)[-500:]})
-            continue
-        rows.append(json.loads(lines[-1][len("RESULT ") :]))
-        print(rows[-1], flush=True)
+        else:
+            rows.append(json.loads(lines[-1][len("RESULT ") :]))
+            print(rows[-1], flush=True)
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -97,6 +107,7 @@ def write_results(out, stem: str, device: str, args, rows: list[dict]) -> None:
     day = datetime.date.today().isoformat()
     meta = {k: str(v) for k, v in vars(args).items() if k != "one"}
     record = {"device": device, "jax": jax.__version__, "args": meta, "rows": rows}
-    (out / f"{stem.format(device=device.replace(' ', '_'))}-{day}.json").write_text(
-        json.dumps(record, indent=2)
-    )
+    path = out / f"{stem.format(device=device.replace(' ', '_'))}-{day}.json"
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(record, indent=2))
+    partial.replace(path)  # whole or not at all, should the run be stopped while writing
