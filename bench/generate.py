@@ -157,7 +157,8 @@ def run_variant(args) -> dict:
 
 def main():
     args = parse_args()
-    ran = run_variants(args, run_variant, __file__, VARIANTS, stem="generate-{device}")
+    stem = "generate-{device}"
+    ran = run_variants(args, run_variant, __file__, VARIANTS, stem=stem)
     if ran is None:
         return
     device, rows, base = ran
@@ -188,7 +189,7 @@ def main():
                 f"{r['cache_per_token_bytes']} (+{r['cache_fixed_bytes']} fixed) | "
                 f"{r['peak_gib']:.1f} |"
             )
-    write_results(args.out, "generate-{device}", device, args, rows)
+    write_results(args.out, stem, device, args, rows)
 
 
 if __name__ == "__main__":

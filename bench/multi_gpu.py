@@ -174,7 +174,8 @@ def collectives(profile: dict | None) -> str:
 
 def main():
     args = parse_args()
-    ran = run_variants(args, run_variant, __file__, VARIANTS, stem="multi-gpu-{device}")
+    stem = "multi-gpu-{device}"
+    ran = run_variants(args, run_variant, __file__, VARIANTS, stem=stem)
     if ran is None:
         return
     device, rows, _ = ran
@@ -208,7 +209,7 @@ def main():
         if ref and "error" not in r and r["variant"] in ("data", "fsdp", "seq"):
             worst = max(abs(a - b) for a, b in zip(r["losses"], ref["losses"], strict=True))
             print(f"{r['variant']}: largest loss difference from one GPU {worst:.2e}")
-    write_results(args.out, "multi-gpu-{device}", device, args, rows)
+    write_results(args.out, stem, device, args, rows)
 
 
 if __name__ == "__main__":
