@@ -296,9 +296,12 @@ class Attend(Protocol):
     # which takes the keys and values of every token and returns ``attend(q_rows, qpos)`` for
     # routed queries as compacted rows (``AttentionBackend.routed_rows``); the layer then
     # projects only those queries, in rows of a size it picks at run time (the returned
-    # function is pure, so it may run inside ``lax.cond``). An Attend may also offer
-    # ``swiglu(x, w_gate, w_up)`` for the feed-forward's gated half (``AttentionBackend.swiglu``);
-    # the MLP computes the jnp form where it does not.
+    # function is pure, so it may run inside ``lax.cond``). One that also offers
+    # ``routed_rows_overflow(flag)`` gets the small size without that choice and is told
+    # whether the layer routed more tokens than those rows hold (its caller then runs again
+    # with the choice). An Attend may also offer ``swiglu(x, w_gate, w_up)`` for the
+    # feed-forward's gated half (``AttentionBackend.swiglu``); the MLP computes the jnp form
+    # where it does not.
 
 
 @dataclasses.dataclass(frozen=True)

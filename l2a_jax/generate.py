@@ -43,6 +43,7 @@ from l2a_jax.routing import RouterStats, Routing
 from pallas_kernels.reference import masked_attention
 
 WINDOW, GLOBAL = "window", "global"
+_OVERFLOW = "routed_rows_overflow"  # a prefill layer's report, taken out of its cache
 
 
 @jax.tree_util.register_dataclass
@@ -131,11 +132,24 @@ def _ring_positions(pos, slots):
 
 
 class _PrefillAttend:
-    """Runs a layer's attention over the prompts and keeps what it caches."""
+    """Runs a layer's attention over the prompts and keeps what it caches. With
+    ``fixed_rows``, a layer that compacts its routed queries takes the small row count
+    without a run-time choice and reports whether its routed tokens fit (``_prefill``)."""
 
-    def __init__(self, inner: SequenceAttention, lengths, capacity: int):
+    def __init__(self, inner: SequenceAttention, lengths, capacity: int, fixed_rows=False):
         self.inner, self.lengths, self.capacity = inner, lengths, capacity
+        self.fixed_rows = fixed_rows
         self.cache = {}
+
+    @property
+    def routed_rows_overflow(self):
+        if not self.fixed_rows:
+            return None
+
+        def note(flag):
+            self.cache[_OVERFLOW] = flag
+
+        return note
 
     def _keep_global(self, k, v):
         pad = [(0, 0), (0, self.capacity - k.shape[1]), (0, 0), (0, 0)]
@@ -209,7 +223,12 @@ def _logits(model: QwenModel, x_last):
     return jnp.einsum("bd,dv->bv", h, model.output_head(), preferred_element_type=jnp.float32)
 
 
-def _prefill(model: QwenModel, groups, ids, lengths, capacity: int, routing: Routing):
+def _prefill(
+    model: QwenModel, groups, ids, lengths, capacity: int, routing: Routing, fixed_rows=False
+):
+    """Logits of each row's next token, the caches and the router statistics; and, with
+    ``fixed_rows``, whether some layer routed more tokens than its compacted rows hold
+    (then the result is wrong and the prefill must run without ``fixed_rows``), else None."""
     b, t = ids.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cos, sin = model.rope(positions)
@@ -220,13 +239,16 @@ def _prefill(model: QwenModel, groups, ids, lengths, capacity: int, routing: Rou
         x,
         cos,
         sin,
-        lambda cache: _PrefillAttend(inner, lengths, capacity),
+        lambda cache: _PrefillAttend(inner, lengths, capacity, fixed_rows),
         routing=dataclasses.replace(routing, counted=counted),
         groups=groups,
     )
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
     stats = RouterStats.concat(stats)
-    return _logits(model, last), KVCache(caches, lengths, capacity), stats
+    reports = [c[_OVERFLOW] for c in caches if _OVERFLOW in c]
+    caches = [{k: v for k, v in c.items() if k != _OVERFLOW} for c in caches]
+    overflow = jnp.any(jnp.concatenate([r.reshape(-1) for r in reports])) if reports else None
+    return _logits(model, last), KVCache(caches, lengths, capacity), stats, overflow
 
 
 def _decode(model: QwenModel, groups, cache: KVCache, tokens, routing: Routing, skip):
@@ -285,10 +307,32 @@ def _routing(key) -> Routing:
     return Routing(rng=key)  # only ``random`` layers read it
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "capacity"))
-def _prefill_jit(graph: StackedGraph, weights, ids, lengths, key, *, capacity: int):
+@functools.partial(jax.jit, static_argnames=("graph", "capacity", "fixed_rows"))
+def _prefill_jit(
+    graph: StackedGraph, weights, ids, lengths, key, *, capacity: int, fixed_rows: bool
+):
     model, groups = graph.shell_model(weights), graph.layer_groups(weights)
-    return _prefill(model, groups, ids, lengths, capacity, _routing(key))
+    return _prefill(model, groups, ids, lengths, capacity, _routing(key), fixed_rows)
+
+
+def _run_prefill(model: ServingModel, ids, lengths, key, capacity: int):
+    """``_prefill_jit``'s logits, caches and statistics. Layers that compact their routed
+    queries first take rows for a quarter of the prompt width (``model.ROUTED_ROWS_FRACTION``)
+    as a fixed size: choosing the size per layer at run time costs a host round trip each
+    (0.8 ms of a 32K prefill's ~100 on an H200). Where some layer routed more, the prefill
+    runs again with the choice, and so do later ones through the same ``ServingModel``."""
+    if not model.overflowed:
+        logits, cache, stats, overflow = _prefill_jit(
+            model.graph, model.weights, ids, lengths, key, capacity=capacity, fixed_rows=True
+        )
+        if overflow is None or not bool(overflow):
+            return logits, cache, stats
+        del logits, cache, stats
+        model.overflowed.append(True)
+    logits, cache, stats, _ = _prefill_jit(
+        model.graph, model.weights, ids, lengths, key, capacity=capacity, fixed_rows=False
+    )
+    return logits, cache, stats
 
 
 @functools.partial(jax.jit, static_argnames=("graph",), donate_argnames=("cache",))
@@ -345,6 +389,8 @@ class ServingModel:
 
     graph: StackedGraph
     weights: dict
+    # non-empty once a prefill routed more tokens in some layer than its fixed rows hold
+    overflowed: list = dataclasses.field(default_factory=list, compare=False, repr=False)
 
     @classmethod
     def of(cls, model: QwenModel | ServingModel, *, stack: bool = True) -> ServingModel:
@@ -433,7 +479,7 @@ def prefill(
     ids, lengths = _prompts(model, input_ids, prompt_lengths)
     capacity = _capacity(model, ids.shape[1], 0 if capacity is None else capacity - ids.shape[1])
     key = jax.random.key(seed)
-    return _prefill_jit(model.graph, model.weights, ids, lengths, key, capacity=capacity)[:2]
+    return _run_prefill(model, ids, lengths, key, capacity)[:2]
 
 
 def decode_step(
@@ -485,9 +531,7 @@ def generate(
     ids, lengths = _prompts(model, input_ids, prompt_lengths)
     capacity = _capacity(model, ids.shape[1], max_new_tokens)
     key = jax.random.key(seed)
-    logits, cache, stats = _prefill_jit(
-        model.graph, model.weights, ids, lengths, jax.random.fold_in(key, 0), capacity=capacity
-    )
+    logits, cache, stats = _run_prefill(model, ids, lengths, jax.random.fold_in(key, 0), capacity)
     first = sampling(logits, jax.random.fold_in(key, 1))
     tokens, _ = decode(
         model, cache, first, max_new_tokens=max_new_tokens, sampling=sampling, eos=eos, pad=pad,

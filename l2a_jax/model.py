@@ -271,7 +271,9 @@ class L2ADecoderLayer(nnx.Module):
         compacted rows. The rows are as many as the largest routed count needs among two
         static sizes, ``ROUTED_ROWS_FRACTION`` of the sequence and all of it, picked at run
         time, so the result is exact at any routed fraction, and a layer routing up to a
-        quarter of its tokens projects queries and outputs for a quarter of the sequence."""
+        quarter of its tokens projects queries and outputs for a quarter of the sequence.
+        An ``attend`` with ``routed_rows_overflow`` (a prefill's) takes the small size alone
+        and reports whether it was too small."""
         from pallas_kernels.attention import compact_routed  # kernels only reach here
 
         t = route.shape[1]
@@ -300,6 +302,10 @@ class L2ADecoderLayer(nnx.Module):
         if small >= t:
             return rows(t)
         fits = jnp.max(jnp.sum(route, axis=1)) <= small
+        overflow = getattr(attend, "routed_rows_overflow", None)
+        if overflow is not None:  # no choice at run time: the caller checks ``fits``
+            overflow(~fits)
+            return rows(small)
         return jax.lax.cond(fits, lambda: rows(small), lambda: rows(t))
 
 

@@ -177,6 +177,36 @@ def test_prefill_on_the_kernels_equals_the_reference(tmp_path, rng):
     )
 
 
+@pytest.mark.parametrize("densities, overflows", [((0.1, 0.1), False), ((0.1, 0.7), True)])
+def test_prefill_fixes_its_rows_and_runs_again_when_a_layer_overflows(
+    densities, overflows, tmp_path, rng
+):
+    """On the kernels a prefill first compacts each layer's routed queries into rows for a
+    quarter of the prompt width, with no run-time choice of size. Where a layer routed more
+    (here ~70% of 40 tokens against 10 rows) that first result is wrong, so the prefill runs
+    again choosing per layer, and later calls through the same serving model start there;
+    logits equal the jnp reference either way."""
+    from l2a_jax.generate import _prefill_jit, _prompts, serving_model
+
+    hf = build_hf_model("qwen3_bias_yarn_factor")
+    base = from_hf(save_hf_model(hf, tmp_path / "hf"), dtype=jnp.float32)
+    cfg = L2AConfig(window=5, mode="random", random_densities=densities)
+    ref = convert_to_l2a(base, cfg)
+    served = serving_model(convert_to_l2a(base, cfg, attention_impl="pallas"))
+    prompts = [list(rng.integers(0, 101, n)) for n in (40, 33)]
+    want, _ = prefill(ref, prompts, capacity=40, seed=2)
+    got, _ = prefill(served, prompts, capacity=40, seed=2)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert bool(served.overflowed) == overflows
+    ids, lengths = _prompts(served, prompts, None)
+    first, _, _, overflow = _prefill_jit(
+        served.graph, served.weights, ids, lengths, jax.random.key(2), capacity=40,
+        fixed_rows=True,
+    )  # fmt: skip
+    assert bool(overflow) == overflows
+    assert np.allclose(first, want, atol=1e-4, rtol=0) != overflows
+
+
 def test_cache_shapes_and_sizes(tmp_path, rng):
     model = l2a_model(tmp_path, "static", window=4, static_global_layers=(0,))
     cfg = model.cfg
