@@ -202,6 +202,28 @@ def test_validate_names_the_field():
         validate(config, 257)
 
 
+def test_a_route_all_hand_off_as_long_as_the_run_is_warned_about():
+    """Routing every token (then a falling share) for as many steps as the run has is legal,
+    for smoke runs, but gets a warning; a hand-off that ends before the last step does not."""
+    import warnings
+
+    def check(steps, route_all, decay):
+        config = default_config()
+        config.model.init = "random"
+        config.train.steps = steps
+        config.train.route_all_steps = route_all
+        config.train.route_all_decay_steps = decay
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            validate(config, 257)
+        return [w for w in caught if "route_all" in str(w.message)]
+
+    (warned,) = check(200, 150, 50)
+    assert "train.steps (200)" in str(warned.message)
+    assert check(200, 150, 49) == []
+    assert check(200, 0, 0) == []
+
+
 @pytest.mark.slow
 def test_recipe_config_trains_a_local_hf_checkpoint(tmp_path):
     """configs/qwen3_128k.py on a tiny random Qwen3, at a short length: context extended,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import warnings
 
 import ml_collections
 
@@ -175,6 +176,17 @@ def validate(config: ml_collections.ConfigDict, vocab_size: int) -> RunSettings:
         f"{t.steps} must exceed train.warmup_steps ({t.warmup_steps}) and "
         f"train.sparsity_warmup_steps ({t.sparsity_warmup_steps})",
     )
+    hand_off = t.route_all_steps + t.route_all_decay_steps
+    if config.l2a.enabled and hand_off and hand_off >= t.steps:
+        # legal (short smoke runs do it), but the routers never decide alone in such a run
+        warnings.warn(
+            f"train.route_all_steps ({t.route_all_steps}) + train.route_all_decay_steps "
+            f"({t.route_all_decay_steps}) reach train.steps ({t.steps}): every step routes "
+            "tokens beyond the routers' choice, so the run never trains (or reports) the "
+            "routers' own sparsity; shorten the hand-off or train for more steps",
+            UserWarning,
+            stacklevel=2,
+        )
     for name in ("data", "fsdp", "seq", "tensor"):
         size = config.mesh[name]
         _check(size >= 1 or (name == "data" and size == -1), f"mesh.{name}", "must be >= 1")
