@@ -309,8 +309,9 @@ def _routing(key) -> Routing:
 
 # Each layer's weights are a slice of the stacked weights inside the layer scan; by default
 # XLA copies every slice before its matmuls (0.9 ms of a 32K prefill's GPU time on an H200).
-# Fusing the slices into the cuBLAS calls that read them cut L2A's 32K TTFT by 1.0 ms there
-# (bench/RESULTS.md). The option applies to this program alone, not to the process.
+# Letting the matmuls read their slices in place cut L2A's 32K TTFT by 1.0 ms there (measured
+# with the option set for the whole process; bench/RESULTS.md). Here it applies to this
+# program alone.
 _PREFILL_OPTIONS = {"xla_gpu_enable_dynamic_slice_fusion": True}
 
 
@@ -330,7 +331,7 @@ def _run_prefill(model: ServingModel, ids, lengths, key, capacity: int):
     """``_prefill_jit``'s logits, caches and statistics. Layers that compact their routed
     queries first take rows for a quarter of the prompt width (``model.ROUTED_ROWS_FRACTION``)
     as a fixed size: choosing the size per layer at run time costs a host round trip each
-    (0.8 ms of a 32K prefill's ~100 on an H200). Where some layer routed more, the prefill
+    (3.7 ms of a 128K prefill's 625 on an H200). Where some layer routed more, the prefill
     runs again with the choice, and so do later ones through the same ``ServingModel``."""
     if not model.overflowed:
         logits, cache, stats, overflow = _prefill_jit(
