@@ -329,10 +329,11 @@ def _prefill_jit(
 
 def _run_prefill(model: ServingModel, ids, lengths, key, capacity: int):
     """``_prefill_jit``'s logits, caches and statistics. Layers that compact their routed
-    queries first take rows for a quarter of the prompt width (``model.ROUTED_ROWS_FRACTION``)
-    as a fixed size: choosing the size per layer at run time costs a host round trip each
-    (3.7 ms of a 128K prefill's 625 on an H200). Where some layer routed more, the prefill
-    runs again with the choice, and so do later ones through the same ``ServingModel``."""
+    queries first take rows for a quarter of the prompt width (``l2a_jax.model``'s
+    ``ROUTED_ROWS_FRACTION``) as a fixed size: choosing the size per layer at run time costs
+    a host round trip each (3.7 ms of a 128K prefill's 625 on an H200). Where some layer
+    routed more, the prefill runs again with the choice, and so do later ones through the
+    same ``ServingModel``."""
     if not model.overflowed:
         logits, cache, stats, overflow = _prefill_jit(
             model.graph, model.weights, ids, lengths, key, capacity=capacity, fixed_rows=True
