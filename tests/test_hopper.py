@@ -21,21 +21,29 @@ def routed_positions(rng, b, rows, t, counts):
     return compact_routed(jnp.asarray(route), rows)[0]
 
 
+@pytest.mark.parametrize("computing", [2, 3])
 @pytest.mark.parametrize("window", [None, 1, 100, 300, 5000])
 @pytest.mark.parametrize("block_k", [64, 128])
-def test_key_tile_plan_matches_brute_force(window, block_k, rng):
+def test_key_tile_plan_matches_brute_force(window, block_k, computing, rng):
     """Per warpgroup of rows: [lo, hi) is exactly the tiles holding a key some row sees,
     every row sees all of [f0, f1), those are all such tiles when no row is padding, and
-    none when one is; per block: the union of its two warpgroups' ranges."""
+    none when one is; per block: the union of its warpgroups' ranges. Rows that do not fill
+    the last block (512 for blocks of 3 x 64) leave warpgroups of padding past them."""
     t = 2048
     cases = [routed_positions(rng, 3, 512, t, (200, 0, 512))]  # padding, none, all
     cases.append(jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (1, t)))  # a window op
     for qpos in cases:
-        rows, blocks = (np.asarray(x) for x in hopper.key_tile_plan(qpos, block_k, window))
+        plan = hopper.key_tile_plan(qpos, block_k, window, computing=computing)
+        rows, blocks = (np.asarray(x) for x in plan)
         pos = np.asarray(qpos)
+        whole_blocks = -(-pos.shape[1] // (hopper.ROWS * computing))
+        assert rows.shape[1] == whole_blocks * computing and blocks.shape[1] == whole_blocks
+        pos = np.pad(
+            pos, ((0, 0), (0, rows.shape[1] * hopper.ROWS - pos.shape[1])), constant_values=-1
+        )
         keys = np.arange(t)
         for bi in range(pos.shape[0]):
-            for g in range(pos.shape[1] // hopper.ROWS):
+            for g in range(rows.shape[1]):
                 p = pos[bi, g * hopper.ROWS : (g + 1) * hopper.ROWS]
                 real = p[p >= 0]
                 seen = (keys[None] <= real[:, None]) & (
@@ -43,7 +51,7 @@ def test_key_tile_plan_matches_brute_force(window, block_k, rng):
                 )
                 lo, f0, f1, hi = rows[bi, g]
                 assert lo <= f0 <= f1 <= hi
-                block_lo, block_hi = blocks[bi, g // hopper.COMPUTING]
+                block_lo, block_hi = blocks[bi, g // computing]
                 if len(real) == 0:
                     assert lo == hi == block_hi, "a warpgroup of padding sits out its block"
                     continue
@@ -73,7 +81,7 @@ def test_kernel_lowers_for_cuda(d, window, dtype):
 def test_shapes_are_checked():
     q = jnp.zeros((1, 100, 4, 64), jnp.bfloat16)
     k = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
-    with pytest.raises(ValueError, match="rows a multiple of 128"):
+    with pytest.raises(ValueError, match="rows a multiple of 64"):
         hopper.routed_rows_forward(q, k, k, jnp.zeros((1, 100), jnp.int32), sm_scale=0.125)
 
 
@@ -87,6 +95,7 @@ def on_hopper():
     "b,t,rows,hq,hkv,d,counts,window,dtype",
     [
         (2, 1000, 384, 4, 2, 64, (300, 0), None, jnp.bfloat16),  # padding; a row of none
+        (1, 1000, 320, 4, 2, 64, (250,), None, jnp.bfloat16),  # a block part past the rows
         (1, 512, 512, 2, 2, 128, (512,), None, jnp.float16),  # all routed
         (1, 1024, 1024, 7, 1, 64, (1024,), 200, jnp.bfloat16),  # a window op's rows
         (2, 512, 256, 4, 4, 128, (100, 256), 64, jnp.bfloat16),  # window, routed rows
