@@ -30,6 +30,23 @@ def as_token_ids(input_ids, vocab_size: int | None = None, *, name: str = "input
     concrete ids are checked to lie in [0, ``vocab_size``)."""
     if not hasattr(input_ids, "dtype"):
         input_ids = np.asarray(input_ids)
+    _check_type_and_shape(input_ids, name)
+    if vocab_size is not None and _is_concrete(input_ids) and input_ids.size:
+        _check_vocabulary(np.asarray(input_ids), vocab_size, name)
+    return jnp.asarray(input_ids, jnp.int32)
+
+
+def host_token_ids(input_ids, vocab_size: int | None = None, *, name: str = "input_ids"):
+    """``as_token_ids`` on the host: the same checks, a NumPy int32 array (no device work,
+    for a caller that hands the ids to a jitted program itself)."""
+    host = np.asarray(input_ids)
+    _check_type_and_shape(host, name)
+    if vocab_size is not None and host.size:
+        _check_vocabulary(host, vocab_size, name)
+    return host.astype(np.int32)
+
+
+def _check_type_and_shape(input_ids, name: str) -> None:
     if not jnp.issubdtype(input_ids.dtype, jnp.integer):
         raise TypeError(
             f"{name} must hold integer token ids; got dtype {input_ids.dtype} "
@@ -40,16 +57,16 @@ def as_token_ids(input_ids, vocab_size: int | None = None, *, name: str = "input
             f"{name} must be (batch, seq); got shape {tuple(input_ids.shape)} "
             "(add a batch axis with ids[None] for a single sequence)"
         )
-    if vocab_size is not None and _is_concrete(input_ids) and input_ids.size:
-        host = np.asarray(input_ids)
-        low, high = int(host.min()), int(host.max())
-        if low < 0 or high >= vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(
-                f"{name} holds token id {bad}, outside the model's vocabulary [0, {vocab_size}); "
-                "tokenize with the model's own tokenizer"
-            )
-    return jnp.asarray(input_ids, jnp.int32)
+
+
+def _check_vocabulary(host: np.ndarray, vocab_size: int, name: str) -> None:
+    low, high = int(host.min()), int(host.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"{name} holds token id {bad}, outside the model's vocabulary [0, {vocab_size}); "
+            "tokenize with the model's own tokenizer"
+        )
 
 
 def check_per_token(x, shape: tuple[int, int], name: str):

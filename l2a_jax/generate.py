@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from l2a_jax.attention import SequenceAttention
-from l2a_jax.batch import as_token_ids
+from l2a_jax.batch import as_token_ids, host_token_ids
 from l2a_jax.config import ModelConfig
 from l2a_jax.layer_scan import StackedGraph, stacked_graph
 from l2a_jax.model import L2ADecoderLayer, QwenModel
@@ -303,6 +303,13 @@ class Sampling:
         return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def _seed(seed) -> np.ndarray:
+    """``seed`` as the int32 scalar a jitted program takes."""
+    if not isinstance(seed, (int, np.integer)) or not -(2**31) <= seed < 2**31:
+        raise ValueError(f"seed must be an integer in [-2**31, 2**31); got {seed!r}")
+    return np.asarray(seed, np.int32)
+
+
 def _routing(key) -> Routing:
     return Routing(rng=key)  # only ``random`` layers read it
 
@@ -321,13 +328,16 @@ _PREFILL_OPTIONS = {"xla_gpu_enable_dynamic_slice_fusion": True}
     compiler_options=_PREFILL_OPTIONS,
 )
 def _prefill_jit(
-    graph: StackedGraph, weights, ids, lengths, key, *, capacity: int, fixed_rows: bool
+    graph: StackedGraph, weights, ids, lengths, seed, *, capacity: int, fixed_rows: bool
 ):
+    # the key made here, not by the caller: an eager key costs two more dispatches before
+    # the prefill can start
     model, groups = graph.shell_model(weights), graph.layer_groups(weights)
-    return _prefill(model, groups, ids, lengths, capacity, _routing(key), fixed_rows)
+    routing = _routing(jax.random.key(seed))
+    return _prefill(model, groups, ids, lengths, capacity, routing, fixed_rows)
 
 
-def _run_prefill(model: ServingModel, ids, lengths, key, capacity: int):
+def _run_prefill(model: ServingModel, ids, lengths, seed: int, capacity: int):
     """``_prefill_jit``'s logits, caches and statistics. Layers that compact their routed
     queries first take rows for a quarter of the prompt width (``l2a_jax.model``'s
     ``ROUTED_ROWS_FRACTION``) as a fixed size: choosing the size per layer at run time costs
@@ -336,14 +346,26 @@ def _run_prefill(model: ServingModel, ids, lengths, key, capacity: int):
     same ``ServingModel``."""
     if not model.overflowed:
         logits, cache, stats, overflow = _prefill_jit(
-            model.graph, model.weights, ids, lengths, key, capacity=capacity, fixed_rows=True
+            model.graph,
+            model.weights,
+            ids,
+            lengths,
+            _seed(seed),
+            capacity=capacity,
+            fixed_rows=True,
         )
         if overflow is None or not bool(overflow):
             return logits, cache, stats
         del logits, cache, stats
         model.overflowed.append(True)
     logits, cache, stats, _ = _prefill_jit(
-        model.graph, model.weights, ids, lengths, key, capacity=capacity, fixed_rows=False
+        model.graph,
+        model.weights,
+        ids,
+        lengths,
+        _seed(seed),
+        capacity=capacity,
+        fixed_rows=False,
     )
     return logits, cache, stats
 
@@ -458,10 +480,9 @@ def _prompts(model: QwenModel | ServingModel, input_ids, prompt_lengths):
             )
         lengths = lengths.astype(np.int32)
     if not np.issubdtype(ids.dtype, np.integer):
-        as_token_ids(ids, model.cfg.vocab_size)  # raises its clear error for float ids
+        host_token_ids(ids, model.cfg.vocab_size)  # raises its clear error for float ids
     ids = np.where(np.arange(t)[None, :] < lengths[:, None], ids, 0)
-    as_token_ids(ids, model.cfg.vocab_size)  # real tokens inside the vocabulary
-    return ids.astype(np.int32), lengths
+    return host_token_ids(ids, model.cfg.vocab_size), lengths  # real tokens in the vocabulary
 
 
 def _capacity(model: QwenModel | ServingModel, longest: int, new_tokens: int) -> int:
@@ -493,8 +514,7 @@ def prefill(
     model = ServingModel.of(model, stack=False)
     ids, lengths = _prompts(model, input_ids, prompt_lengths)
     capacity = _capacity(model, ids.shape[1], 0 if capacity is None else capacity - ids.shape[1])
-    key = jax.random.key(seed)
-    return _run_prefill(model, ids, lengths, key, capacity)[:2]
+    return _run_prefill(model, ids, lengths, seed, capacity)[:2]
 
 
 def decode_step(
@@ -540,13 +560,14 @@ def generate(
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
     sampling = Sampling(temperature, top_p, top_k)
+    _seed(seed)
     eos = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).astype(int).tolist())
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     model = ServingModel.of(model, stack=False)
     ids, lengths = _prompts(model, input_ids, prompt_lengths)
     capacity = _capacity(model, ids.shape[1], max_new_tokens)
     key = jax.random.key(seed)
-    logits, cache, stats = _run_prefill(model, ids, lengths, jax.random.fold_in(key, 0), capacity)
+    logits, cache, stats = _run_prefill(model, ids, lengths, seed, capacity)
     first = sampling(logits, jax.random.fold_in(key, 1))
     tokens, _ = decode(
         model, cache, first, max_new_tokens=max_new_tokens, sampling=sampling, eos=eos, pad=pad,

@@ -200,7 +200,7 @@ def test_prefill_fixes_its_rows_and_runs_again_when_a_layer_overflows(
     assert bool(served.overflowed) == overflows
     ids, lengths = _prompts(served, prompts, None)
     first, _, _, overflow = _prefill_jit(
-        served.graph, served.weights, ids, lengths, jax.random.key(2), capacity=40,
+        served.graph, served.weights, ids, lengths, np.int32(2), capacity=40,
         fixed_rows=True,
     )  # fmt: skip
     assert bool(overflow) == overflows
@@ -221,7 +221,7 @@ def test_prefill_options_change_no_result(tmp_path, rng):
     prompts = [list(rng.integers(0, 101, n)) for n in (40, 33)]
     ids, lengths = _prompts(served, prompts, None)
     plain = jax.jit(_prefill_jit.__wrapped__, static_argnames=("graph", "capacity", "fixed_rows"))
-    args = (served.graph, served.weights, ids, lengths, jax.random.key(2))
+    args = (served.graph, served.weights, ids, lengths, np.int32(2))
     got = _prefill_jit(*args, capacity=40, fixed_rows=False)[:2]
     want = plain(*args, capacity=40, fixed_rows=False)[:2]
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
@@ -288,6 +288,11 @@ def test_bad_requests_get_one_clear_error(tmp_path):
         generate(model, np.zeros((2, 0), np.int32), max_new_tokens=2)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, [[1, 2]], max_new_tokens=2, temperature=1.0, top_p=0.0)
+    for bad in (2**40, 1.5):
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            generate(model, [[1, 2]], max_new_tokens=2, seed=bad)
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            prefill(model, [[1, 2]], seed=bad)
     assert nnx.state(model)  # the model is untouched and still usable
     assert generate(model, [[1, 2]], max_new_tokens=1).shape == (1, 1)
 
