@@ -314,18 +314,9 @@ def _routing(key) -> Routing:
     return Routing(rng=key)  # only ``random`` layers read it
 
 
-# Each layer's weights are a slice of the stacked weights inside the layer scan; by default
-# XLA copies every slice before its matmuls (0.9 ms of a 32K prefill's GPU time on an H200).
-# Letting the matmuls read their slices in place cut L2A's 32K TTFT by 1.0 ms there (measured
-# with the option set for the whole process; bench/RESULTS.md). Here it applies to this
-# program alone.
-_PREFILL_OPTIONS = {"xla_gpu_enable_dynamic_slice_fusion": True}
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("graph", "capacity", "fixed_rows"),
-    compiler_options=_PREFILL_OPTIONS,
 )
 def _prefill_jit(
     graph: StackedGraph, weights, ids, lengths, seed, *, capacity: int, fixed_rows: bool

@@ -207,29 +207,6 @@ def test_prefill_fixes_its_rows_and_runs_again_when_a_layer_overflows(
     assert np.allclose(first, want, atol=1e-4, rtol=0) != overflows
 
 
-def test_prefill_options_change_no_result(tmp_path, rng):
-    """The prefill's compiler options (``_PREFILL_OPTIONS``: on a GPU, weight slices fused
-    into the matmuls that read them; inert elsewhere) give the logits and caches of the same
-    program compiled without them, and the jnp reference model's logits, on the kernels."""
-    from l2a_jax.generate import _prefill_jit, _prompts, serving_model
-
-    hf = build_hf_model("qwen3_bias_yarn_factor")
-    base = from_hf(save_hf_model(hf, tmp_path / "hf"), dtype=jnp.float32)
-    cfg = L2AConfig(window=5, mode="random", random_densities=(0.3, 0.3))
-    ref = convert_to_l2a(base, cfg)
-    served = serving_model(convert_to_l2a(base, cfg, attention_impl="pallas"))
-    prompts = [list(rng.integers(0, 101, n)) for n in (40, 33)]
-    ids, lengths = _prompts(served, prompts, None)
-    plain = jax.jit(_prefill_jit.__wrapped__, static_argnames=("graph", "capacity", "fixed_rows"))
-    args = (served.graph, served.weights, ids, lengths, np.int32(2))
-    got = _prefill_jit(*args, capacity=40, fixed_rows=False)[:2]
-    want = plain(*args, capacity=40, fixed_rows=False)[:2]
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
-    reference, _ = prefill(ref, prompts, capacity=40, seed=2)
-    np.testing.assert_allclose(got[0], reference, atol=1e-4, rtol=0)
-
-
 def test_cache_shapes_and_sizes(tmp_path, rng):
     model = l2a_model(tmp_path, "static", window=4, static_global_layers=(0,))
     cfg = model.cfg
