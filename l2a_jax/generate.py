@@ -231,8 +231,10 @@ def _prefill(
     (then the result is wrong and the prefill must run without ``fixed_rows``), else None."""
     b, t = ids.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    cos, sin = model.rope(positions)
     x = model.embed_tokens(ids)
+    # the rotary tables in the activations' dtype, as each layer's ``apply_rope`` takes them:
+    # converted once here, not twice in every layer (XLA keeps the conversion in the scan)
+    cos, sin = (table.astype(x.dtype) for table in model.rope(positions))
     inner = SequenceAttention(model.attention)
     counted = positions < lengths[:, None]  # routing statistics over the real tokens only
     x, stats, caches = model.run_decoder(
