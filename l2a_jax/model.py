@@ -281,7 +281,7 @@ class L2ADecoderLayer(nnx.Module):
         attend_rows = attend.routed_rows(k, v)  # outside the cond: a prefill keeps k, v here
 
         def rows(n):
-            qpos, _ = compact_routed(route, n)
+            qpos, slot = compact_routed(route, n)
             src = jnp.maximum(qpos, 0)
             pick = functools.partial(jnp.take_along_axis, indices=src[:, :, None], axis=1)
             with jax.named_scope("global_qkv_proj"):
@@ -292,15 +292,12 @@ class L2ADecoderLayer(nnx.Module):
                 g = jnp.where(qpos >= 0, jnp.take_along_axis(gate, src, axis=1), 0.0)
                 gated = (g[..., None, None] * heads.astype(jnp.float32)).astype(heads.dtype)
                 out = self.global_attn.project_out(gated, bias=False)
+                # back to token order by a gather (slot: each routed token's row), which XLA
+                # fuses with the residual add; a scatter-add would cost a pass of its own
+                back = jnp.take_along_axis(out, jnp.maximum(slot, 0)[:, :, None], axis=1)
+                back = jnp.where((slot >= 0)[:, :, None], back, jnp.zeros((), back.dtype))
                 base = h + self.global_attn.bo[...] if self.global_attn.cfg.o_bias else h
-                # added back at the routed tokens' positions, in place: a pass over the
-                # routed rows alone, where a gather back to token order fused with the add
-                # reads and writes the whole residual (GPU busy 620.0 against 623.7 ms in a
-                # 128K prefill on an H200, bench/RESULTS.md); padding rows (position -1) are
-                # dropped
-                b = qpos.shape[0]
-                at = (jnp.arange(b)[:, None], jnp.where(qpos >= 0, qpos, t))
-                return base.at[at].add(out.astype(base.dtype), mode="drop")
+                return base + back.astype(base.dtype)
 
         if small >= t:
             return rows(t)
