@@ -502,8 +502,10 @@ def prefill(
     training (kernels on a GPU) and fills the caches. Returns the logits of each row's next
     token (b, vocab) float32 and a ``KVCache`` with room for ``capacity`` positions (default:
     the prompt width). ``model``: a ``QwenModel`` or, for many calls, a ``ServingModel``.
-    Where L2A layers compact their routed queries (the kernels), it returns once the prefill
-    has run: the host reads whether its fixed row counts held (``_run_prefill``)."""
+    ``seed`` (an int32) draws the routes of layers in ``random`` mode; ``generate`` with the
+    same seed routes its prompts the same way. Where L2A layers compact their routed queries
+    (the kernels), it returns once the prefill has run: the host reads whether its fixed row
+    counts held (``_run_prefill``)."""
     model = ServingModel.of(model, stack=False)
     ids, lengths = _prompts(model, input_ids, prompt_lengths)
     capacity = _capacity(model, ids.shape[1], 0 if capacity is None else capacity - ids.shape[1])

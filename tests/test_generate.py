@@ -338,6 +338,21 @@ def test_decoding_past_the_capacity_is_refused(tmp_path, rng):
         decode(model, cache, tokens, max_new_tokens=4)
 
 
+def test_prefill_and_generate_route_one_seed_alike(tmp_path, rng):
+    """Random routes are drawn from ``seed`` inside the prefill program: ``prefill`` and
+    ``generate`` with one seed route the prompts alike (the greedy first tokens agree with the
+    prefill's logits), and another seed routes them otherwise."""
+    from l2a_jax.generate import serving_model
+
+    model = serving_model(l2a_model(tmp_path, "random", window=3, random_densities=(0.5, 0.5)))
+    prompts = [list(rng.integers(0, 101, n)) for n in (9, 5, 7)]
+    logits = {s: np.asarray(prefill(model, prompts, seed=s)[0]) for s in (1, 2)}
+    assert not np.allclose(logits[1], logits[2])
+    for s in (1, 2):
+        first = generate(model, prompts, max_new_tokens=1, seed=s)[:, 0]
+        np.testing.assert_array_equal(first, np.argmax(logits[s], axis=-1))
+
+
 def test_a_serving_model_generates_what_the_module_does(tmp_path, rng):
     """``serving_model`` (weights taken out and layers stacked once) gives the same tokens,
     logits and caches as calls with the module, keeps the weights it was made with, and calls
