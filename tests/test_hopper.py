@@ -96,6 +96,7 @@ def on_hopper():
     [
         (2, 1000, 384, 4, 2, 64, (300, 0), None, jnp.bfloat16),  # padding; a row of none
         (1, 1000, 320, 4, 2, 64, (250,), None, jnp.bfloat16),  # a block part past the rows
+        (1, 128, 64, 2, 1, 64, (50,), None, jnp.bfloat16),  # one key tile: overlap has none
         (1, 600, 320, 4, 2, 128, (250,), None, jnp.float16),  # the same with two, in turns
         (1, 512, 512, 2, 2, 128, (512,), None, jnp.float16),  # all routed
         (1, 1024, 1024, 7, 1, 64, (1024,), 200, jnp.bfloat16),  # a window op's rows
