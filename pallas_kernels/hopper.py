@@ -2,8 +2,8 @@
 wgmma and warp specialisation (one warpgroup streams keys and values into a ring of shared
 memory buffers; warpgroups of 64 query rows each compute: three side by side at head_dim 64,
 two at 128 taking turns on the tensor cores so one's softmax overlaps the other's matrix
-products). For global attention at head_dim 64 each warpgroup also overlaps on its own: a key
-tile's scores and softmax run while the previous tile's values are multiplied in.
+products). At head_dim 64 each warpgroup also overlaps on its own: a key tile's scores and
+softmax run while the previous tile's values are multiplied in.
 
 One kernel serves both L2A ops: query rows at given positions (ascending, padding -1 last)
 against all earlier keys (the routed global branch, its queries compacted) or against a
@@ -40,15 +40,6 @@ def computing_warpgroups(d: int) -> int:
     two with 232 registers, which take turns on the tensor cores (without turns, 8% slower at
     64)."""
     return 3 if d <= 64 else 2
-
-
-def overlapped(window: int | None, computing: int) -> bool:
-    """Whether a warpgroup overlaps a key tile's scores and softmax with the previous tile's
-    values (its own probabilities kept one tile longer). On an H200 (14/2 heads, d 64, three
-    warpgroups, a fifth of the rows routed) global attention ran 2% faster at 128K for it;
-    a 4096 window ran 4% slower (each block's first and last tiles run alone, and its
-    blocks hold 35 tiles), and two warpgroups taking turns overlap already."""
-    return window is None and computing == 3
 
 
 @functools.cache
@@ -145,7 +136,11 @@ def routed_rows_forward(
     computing = computing_warpgroups(d)
     turns = computing == 2  # the computing warpgroups take turns on the tensor cores
     registers, streaming_registers = (232, 40) if turns else (160, 24)
-    overlap = overlapped(window, computing)
+    # at head_dim 64 each warpgroup also overlaps its own work: tile j's scores and softmax
+    # run while tile j - 1's values are multiplied in. On an H200 (14/2 heads, a fifth of
+    # the rows routed) 3% faster at 128K for global attention and 6% with a 4096 window (5-6%
+    # at 32K); with turns the two warpgroups overlap each other already
+    overlap = not turns
     row_plan, block_plan = key_tile_plan(qpos, block_k, window, computing=computing)
     score_scale = sm_scale * math.log2(math.e)
     row_layout = plgpu.Layout.WGMMA.reduce(1)
@@ -215,9 +210,9 @@ def routed_rows_forward(
             pl.when(wg == 1)(take_turn)  # with turns, the two alternate from here on
 
             def softmax(j, s, m, denom, *, masked: bool):
-                """Tile j's scores s to probabilities (the input dtype) against the running
-                row maxima m (scaled to base 2) and sums denom; and alpha, by which the
-                values so far shrink."""
+                """Tile j's scores s to probabilities (float32) against the running row
+                maxima m (scaled to base 2) and sums denom; and alpha, by which the values
+                so far shrink."""
                 if masked:
                     kpos = j * block_k + plgpu.broadcasted_iota(
                         jnp.int32, (ROWS, block_k), 1, layout=plgpu.Layout.WGMMA
@@ -231,7 +226,7 @@ def routed_rows_forward(
                 alpha = jnp.exp2(m - m_new)
                 p = jnp.exp2(s * score_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
                 denom = denom * alpha + p.sum(axis=1)
-                return m_new, alpha, denom, p.astype(dtype)
+                return m_new, alpha, denom, p
 
             def scale_rows(acc, alpha):
                 return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
@@ -255,8 +250,8 @@ def routed_rows_forward(
 
                 s = pl.run_scoped(scores, plgpu.ACC((ROWS, block_k), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
-                m_new, alpha, denom, p_lo = softmax(j, s, m, denom, masked=masked)
-                acc = scale_rows(acc, alpha)
+                m_new, alpha, denom, p = softmax(j, s, m, denom, masked=masked)
+                acc, p_lo = scale_rows(acc, alpha), p.astype(dtype)
                 acc, denom, m_new, p_lo = lax.optimization_barrier((acc, denom, m_new, p_lo))
                 if turns:
                     plgpu.barrier_arrive(turn)  # softmax done: the other may go on
@@ -285,25 +280,28 @@ def routed_rows_forward(
 
                 s = pl.run_scoped(scores, plgpu.ACC((ROWS, block_k), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
-                m, _, denom, p_lo = softmax(j, s, m, denom, masked=True)
+                m, _, denom, p = softmax(j, s, m, denom, masked=True)
                 wait_next_keys(j)
-                return acc, m, denom, p_lo
+                return acc, m, denom, p.astype(dtype)
 
             def overlapped_step(j, carry, *, masked: bool):
                 acc, m, denom, p_prev = carry
                 slot, prev = slot_of(j), slot_of(j - 1)
 
                 def both(s_ref, o_ref):
-                    fresh_scores(slot, s_ref)
+                    # no register that an issued wgmma reads is written before it is waited
+                    # for (ptxas would serialize every wgmma in the kernel): acc goes in
+                    # first, and the probabilities in the dtype replace p_prev's after
                     o_ref[...] = acc
+                    fresh_scores(slot, s_ref)
                     plgpu.barrier_wait(v_ready.at[prev])
                     plgpu.wgmma(o_ref, p_prev, v_smem.at[prev])
                     s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # the scores alone
                     plgpu.barrier_arrive(k_free.at[slot])
-                    m_new, alpha, den, p_lo = softmax(j, s, m, denom, masked=masked)
+                    m_new, alpha, den, p = softmax(j, s, m, denom, masked=masked)
                     wait_next_keys(j)
                     o = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
-                    return scale_rows(o, alpha), m_new, den, p_lo
+                    return scale_rows(o, alpha), m_new, den, p.astype(dtype)
 
                 acc_types = (plgpu.ACC((ROWS, block_k), jnp.float32), plgpu.ACC((ROWS, d)))
                 out = pl.run_scoped(both, *acc_types)
