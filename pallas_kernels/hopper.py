@@ -239,7 +239,7 @@ def routed_rows_forward(
             def fresh_scores(slot, acc_ref):
                 plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
 
-            def step(j, carry, *, masked: bool):
+            def step(j, carry, *, masked: bool):  # two warpgroups taking turns (head_dim 128)
                 acc, m, denom = carry
                 slot = slot_of(j)
 
@@ -253,11 +253,9 @@ def routed_rows_forward(
                 m_new, alpha, denom, p = softmax(j, s, m, denom, masked=masked)
                 acc, p_lo = scale_rows(acc, alpha), p.astype(dtype)
                 acc, denom, m_new, p_lo = lax.optimization_barrier((acc, denom, m_new, p_lo))
-                if turns:
-                    plgpu.barrier_arrive(turn)  # softmax done: the other may go on
+                plgpu.barrier_arrive(turn)  # softmax done: the other may go on
                 plgpu.barrier_wait(v_ready.at[slot])
-                if turns:
-                    plgpu.barrier_wait(turn)  # our turn on the tensor cores again
+                plgpu.barrier_wait(turn)  # our turn on the tensor cores again
 
                 def values(acc_ref):
                     plgpu.wgmma(acc_ref, p_lo, v_smem.at[slot])
@@ -267,9 +265,9 @@ def routed_rows_forward(
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, denom
 
-            # overlapped steps: tile j's scores and softmax run while tile j - 1's values do
-            # (a warpgroup keeps the tensor cores busy on its own); the carry holds tile
-            # j - 1's probabilities, whose values are not yet in acc
+            # overlapped steps (head_dim 64): tile j's scores and softmax run while tile
+            # j - 1's values do (a warpgroup keeps the tensor cores busy on its own); the
+            # carry holds tile j - 1's probabilities, whose values are not yet in acc
             def first(j, carry):  # the first tile: scores and softmax alone
                 acc, m, denom, _ = carry
                 slot = slot_of(j)
