@@ -239,10 +239,7 @@ def routed_rows_forward(
             def fresh_scores(slot, acc_ref):
                 plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
 
-            def step(j, carry, *, masked: bool):  # two warpgroups taking turns (head_dim 128)
-                acc, m, denom = carry
-                slot = slot_of(j)
-
+            def tile_scores(slot):  # a tile's scores, waited for (with turns, then the other's)
                 def scores(acc_ref):
                     fresh_scores(slot, acc_ref)
                     take_turn()
@@ -250,6 +247,12 @@ def routed_rows_forward(
 
                 s = pl.run_scoped(scores, plgpu.ACC((ROWS, block_k), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
+                return s
+
+            def step(j, carry, *, masked: bool):  # two warpgroups taking turns (head_dim 128)
+                acc, m, denom = carry
+                slot = slot_of(j)
+                s = tile_scores(slot)
                 m_new, alpha, denom, p = softmax(j, s, m, denom, masked=masked)
                 acc, p_lo = scale_rows(acc, alpha), p.astype(dtype)
                 acc, denom, m_new, p_lo = lax.optimization_barrier((acc, denom, m_new, p_lo))
@@ -270,14 +273,7 @@ def routed_rows_forward(
             # carry holds tile j - 1's probabilities, whose values are not yet in acc
             def first(j, carry):  # the first tile: scores and softmax alone
                 acc, m, denom, _ = carry
-                slot = slot_of(j)
-
-                def scores(s_ref):
-                    fresh_scores(slot, s_ref)
-                    return s_ref[...]
-
-                s = pl.run_scoped(scores, plgpu.ACC((ROWS, block_k), jnp.float32))
-                plgpu.barrier_arrive(k_free.at[slot])
+                s = tile_scores(slot_of(j))
                 m, _, denom, p = softmax(j, s, m, denom, masked=True)
                 wait_next_keys(j)
                 return acc, m, denom, p.astype(dtype)
